@@ -1,0 +1,262 @@
+//! Finding or building the control-plane binaries.
+//!
+//! There is no network access to release buckets, so the binaries are built
+//! from the Go modules with the machine's Go toolchain: a generated module
+//! requires `k8s.io/kubernetes` at [`KUBERNETES_VERSION`] and maps every staging
+//! module (`k8s.io/api`, `k8s.io/apiserver`, ...) to the matching `v0.X.Y`
+//! through `replace` lines read from Kubernetes' own `go.mod`; a second module
+//! builds etcd from `go.etcd.io/etcd/server/v3`. Results are cached by version
+//! under `$CONFIDENTIAL_TESTENV_CACHE`, else `$XDG_CACHE_HOME/kubectl-confidential`,
+//! else `~/.cache/kubectl-confidential`, so only the first run pays.
+//!
+//! When `KUBEBUILDER_ASSETS` names a directory (the controller-runtime envtest
+//! convention), any binary found there is used instead of building it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Kubernetes release the control plane is built from.
+pub const KUBERNETES_VERSION: &str = "1.35.4";
+/// etcd release the control plane is built from.
+pub const ETCD_VERSION: &str = "3.6.16";
+
+/// Paths of the four control-plane binaries.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+    pub kube_scheduler: PathBuf,
+}
+
+const KUBE_COMMANDS: [&str; 3] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+
+/// The directory binaries of this version are cached in.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("CONFIDENTIAL_TESTENV_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|d| PathBuf::from(d).join("kubectl-confidential"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/kubectl-confidential"))
+        })
+        .unwrap_or_else(|| std::env::temp_dir().join("kubectl-confidential-cache"));
+    base.join(format!(
+        "controlplane-k8s-v{KUBERNETES_VERSION}-etcd-v{ETCD_VERSION}"
+    ))
+}
+
+/// Returns the binaries, building (once, under a file lock) any that
+/// `KUBEBUILDER_ASSETS` does not provide.
+pub fn ensure() -> Result<Binaries> {
+    let assets = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
+    let from_assets = |name: &str| {
+        assets
+            .as_ref()
+            .map(|dir| dir.join(name))
+            .filter(|p| p.is_file())
+    };
+    let cache = cache_dir();
+    let bin = cache.join("bin");
+    let need_kube = KUBE_COMMANDS
+        .iter()
+        .any(|c| from_assets(c).is_none() && !bin.join(c).is_file());
+    let need_etcd = from_assets("etcd").is_none() && !bin.join("etcd").is_file();
+    if need_kube || need_etcd {
+        std::fs::create_dir_all(&cache)
+            .with_context(|| format!("creating cache dir {}", cache.display()))?;
+        let lock = File::create(cache.join(".lock")).context("creating build lock")?;
+        lock.lock().context("locking the build cache")?;
+        // Another process may have built them while we waited for the lock.
+        if need_kube && KUBE_COMMANDS.iter().any(|c| !bin.join(c).is_file()) {
+            build_kubernetes(&cache)?;
+        }
+        if need_etcd && !bin.join("etcd").is_file() {
+            build_etcd(&cache)?;
+        }
+    }
+    let pick = |name: &str| from_assets(name).unwrap_or_else(|| bin.join(name));
+    Ok(Binaries {
+        etcd: pick("etcd"),
+        kube_apiserver: pick("kube-apiserver"),
+        kube_controller_manager: pick("kube-controller-manager"),
+        kube_scheduler: pick("kube-scheduler"),
+    })
+}
+
+fn go(dir: &Path) -> Command {
+    let mut cmd = Command::new("go");
+    cmd.current_dir(dir)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<String> {
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| {
+        format!("{what}: could not run `go` (is the Go toolchain installed and on PATH?)")
+    })?;
+    if !out.status.success() {
+        bail!("{what} failed with {}; see the Go output above", out.status);
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{what}: output is not UTF-8"))
+}
+
+/// Reads the staging modules from Kubernetes' `go.mod` (`k8s.io/x => ./staging/...`).
+fn staging_modules(kubernetes_go_mod: &str) -> Vec<String> {
+    kubernetes_go_mod
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim().trim_start_matches("replace").trim();
+            let (module, target) = line.split_once("=>")?;
+            target
+                .trim()
+                .starts_with("./staging/")
+                .then(|| module.trim().to_owned())
+        })
+        .collect()
+}
+
+fn write_tools_go(dir: &Path, packages: &[String]) -> Result<()> {
+    let imports: String = packages.iter().map(|p| format!("\t_ \"{p}\"\n")).collect();
+    std::fs::write(
+        dir.join("tools.go"),
+        format!("//go:build tools\n\npackage tools\n\nimport (\n{imports})\n"),
+    )
+    .context("writing tools.go")
+}
+
+fn install(built: &Path, bin: &Path, names: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(bin)?;
+    for name in names {
+        std::fs::rename(built.join(name), bin.join(name))
+            .with_context(|| format!("installing {name} into {}", bin.display()))?;
+    }
+    Ok(())
+}
+
+fn build_kubernetes(cache: &Path) -> Result<()> {
+    let src = cache.join("src-kubernetes");
+    std::fs::create_dir_all(&src)?;
+    eprintln!(
+        "testenv: building kube-apiserver, kube-controller-manager and kube-scheduler v{KUBERNETES_VERSION} \
+         from the Go modules into {} (first run only; several minutes on 2 cores)",
+        cache.display()
+    );
+    let mut download = go(&src);
+    download.args([
+        "mod",
+        "download",
+        "-json",
+        &format!("k8s.io/kubernetes@v{KUBERNETES_VERSION}"),
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&run(download, "go mod download k8s.io/kubernetes")?)
+            .context("parsing `go mod download -json` output")?;
+    let go_mod_path = info["GoMod"]
+        .as_str()
+        .context("`go mod download` did not report the go.mod of k8s.io/kubernetes")?;
+    let go_mod =
+        std::fs::read_to_string(go_mod_path).with_context(|| format!("reading {go_mod_path}"))?;
+    let staging = staging_modules(&go_mod);
+    if staging.is_empty() {
+        bail!("found no staging modules in {go_mod_path}; the Kubernetes go.mod layout changed");
+    }
+    let staging_version = format!(
+        "v0.{}",
+        KUBERNETES_VERSION
+            .split_once('.')
+            .map_or("", |(_, rest)| rest)
+    );
+    let replaces: String = staging
+        .iter()
+        .map(|m| format!("replace {m} => {m} {staging_version}\n"))
+        .collect();
+    std::fs::write(
+        src.join("go.mod"),
+        format!(
+            "module confidential.dev/testenv/kubernetes\n\ngo 1.25\n\nrequire k8s.io/kubernetes v{KUBERNETES_VERSION}\n\n{replaces}"
+        ),
+    )?;
+    let packages: Vec<String> = KUBE_COMMANDS
+        .iter()
+        .map(|c| format!("k8s.io/kubernetes/cmd/{c}"))
+        .collect();
+    write_tools_go(&src, &packages)?;
+    eprintln!("testenv: resolving modules (go mod tidy)");
+    let mut tidy = go(&src);
+    tidy.args(["mod", "tidy"]);
+    run(tidy, "go mod tidy for Kubernetes")?;
+    let minor = KUBERNETES_VERSION.split('.').nth(1).unwrap_or("0");
+    let ldflags = format!(
+        "-s -w -X k8s.io/component-base/version.gitVersion=v{KUBERNETES_VERSION} \
+         -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor={minor} \
+         -X k8s.io/component-base/version.gitTreeState=clean"
+    );
+    let out = src.join("out");
+    std::fs::create_dir_all(&out)?;
+    eprintln!("testenv: compiling (go build -v prints each package)");
+    let mut build = go(&src);
+    build
+        .args(["build", "-v", "-ldflags", &ldflags, "-o"])
+        .arg(&out)
+        .args(&packages);
+    run(build, "go build of the Kubernetes control plane")?;
+    install(&out, &cache.join("bin"), &KUBE_COMMANDS)?;
+    eprintln!("testenv: Kubernetes binaries ready");
+    Ok(())
+}
+
+fn build_etcd(cache: &Path) -> Result<()> {
+    let src = cache.join("src-etcd");
+    std::fs::create_dir_all(&src)?;
+    eprintln!(
+        "testenv: building etcd v{ETCD_VERSION} from go.etcd.io/etcd/server/v3 (first run only)"
+    );
+    std::fs::write(
+        src.join("go.mod"),
+        format!(
+            "module confidential.dev/testenv/etcd\n\ngo 1.25\n\nrequire go.etcd.io/etcd/server/v3 v{ETCD_VERSION}\n"
+        ),
+    )?;
+    let package = "go.etcd.io/etcd/server/v3".to_owned();
+    write_tools_go(&src, std::slice::from_ref(&package))?;
+    let mut tidy = go(&src);
+    tidy.args(["mod", "tidy"]);
+    run(tidy, "go mod tidy for etcd")?;
+    let out = src.join("out");
+    std::fs::create_dir_all(&out)?;
+    let mut build = go(&src);
+    build
+        .args(["build", "-v", "-ldflags", "-s -w", "-o"])
+        .arg(out.join("etcd"))
+        .arg(&package);
+    run(build, "go build of etcd")?;
+    install(&out, &cache.join("bin"), &["etcd"])?;
+    eprintln!("testenv: etcd ready");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_staging_modules_from_go_mod() {
+        let go_mod = "module k8s.io/kubernetes\n\nreplace (\n\tk8s.io/api => ./staging/src/k8s.io/api\n\tgithub.com/x/y => github.com/x/y v1.0.0\n\tk8s.io/client-go => ./staging/src/k8s.io/client-go\n)\nreplace k8s.io/kms => ./staging/src/k8s.io/kms\n";
+        assert_eq!(
+            staging_modules(go_mod),
+            ["k8s.io/api", "k8s.io/client-go", "k8s.io/kms"]
+        );
+    }
+}

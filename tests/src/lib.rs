@@ -1,0 +1,157 @@
+//! The test environment of kubectl-confidential: a real Kubernetes control
+//! plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) that
+//! the end-to-end suites and the local playground start on loopback.
+//!
+//! [`TestCluster::start`] is the entry point. By default it builds (once) and
+//! starts a private control plane per call; with `CONFIDENTIAL_TEST_KUBECONFIG`
+//! set it uses that existing cluster instead (kind, k3d, a real cluster), so
+//! users can run our suites against their own clusters. Tests create their
+//! objects under unique names so runs against a shared cluster do not collide.
+
+pub mod binaries;
+pub mod controlplane;
+pub mod pki;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result};
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+mod wait;
+
+pub use controlplane::{ControlPlane, ControlPlaneOptions, client_kubeconfig, token_kubeconfig};
+pub use process::ManagedProcess;
+pub use wait::eventually;
+
+/// Environment variable naming an existing cluster's kubeconfig to test against.
+pub const EXISTING_CLUSTER_ENV: &str = "CONFIDENTIAL_TEST_KUBECONFIG";
+
+/// Installs the ring crypto provider for rustls once per process. kube's
+/// client and our servers both use rustls; the provider must be chosen before
+/// the first TLS config is built.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds a client from a kubeconfig file.
+///
+/// kube's default client silently retries 429 responses for minutes; an
+/// eviction refused by a PodDisruptionBudget is a 429 the caller must see, so
+/// that retry is turned off here.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    install_crypto_provider();
+    let kubeconfig = Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("loading kubeconfig {}", path.display()))?;
+    config.default_retry = false;
+    Client::try_from(config).context("building Kubernetes client")
+}
+
+/// A cluster to test against: a private control plane, or an existing one.
+pub struct TestCluster {
+    pub client: Client,
+    /// Path of an admin kubeconfig for this cluster.
+    pub kubeconfig: PathBuf,
+    /// The started control plane; `None` when testing an existing cluster.
+    pub control_plane: Option<ControlPlane>,
+}
+
+impl TestCluster {
+    /// Starts a private control plane, or connects to the cluster named by
+    /// `CONFIDENTIAL_TEST_KUBECONFIG`.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(ControlPlaneOptions::default()).await
+    }
+
+    /// Like [`TestCluster::start`], with options for a private control plane.
+    pub async fn start_with(options: ControlPlaneOptions) -> Result<Self> {
+        install_crypto_provider();
+        if let Some(path) = std::env::var_os(EXISTING_CLUSTER_ENV) {
+            let kubeconfig = PathBuf::from(path);
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            return Ok(Self {
+                client,
+                kubeconfig,
+                control_plane: None,
+            });
+        }
+        let control_plane = ControlPlane::start(options).await?;
+        Ok(Self {
+            client: control_plane.client().await?,
+            kubeconfig: control_plane.kubeconfig.clone(),
+            control_plane: Some(control_plane),
+        })
+    }
+}
+
+/// A name unique within this process and across processes, for objects a
+/// test creates (`prefix-<pid>-<n>`), valid as a DNS label.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The committed CRD manifests (`manifests/crds/`).
+pub fn crds_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds")
+}
+
+/// Applies every CRD manifest in `dir` (server-side apply) and waits until
+/// each is Established. Returns their names.
+pub async fn install_crds(client: &Client, dir: &Path) -> Result<Vec<String>> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let yaml = std::fs::read_to_string(&path)?;
+        let crd: CustomResourceDefinition =
+            serde_saphyr::from_str(&yaml).with_context(|| format!("parsing {}", path.display()))?;
+        let name = crd.metadata.name.clone().context("CRD without name")?;
+        crds.patch(
+            &name,
+            &PatchParams::apply("confidential-testenv").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying {name}"))?;
+        names.push(name);
+    }
+    for name in &names {
+        eventually(
+            &format!("{name} Established"),
+            std::time::Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                async move {
+                    let crd = crds.get(name).await?;
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    Ok(established.then_some(()))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(names)
+}

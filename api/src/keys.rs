@@ -21,3 +21,13 @@ pub const ANNOTATION_DONOR_FOR: &str = "confidential.dev/donor-for";
 pub const NAMESPACE: &str = "confidential-system";
 /// Field manager used for server-side apply by our components.
 pub const FIELD_MANAGER: &str = "kubectl-confidential";
+
+/// Annotation on a bootstrap token Secret (`kube-system/bootstrap-token-<id>`):
+/// the node name attested for the machine the join endpoint issued the token
+/// to. The controllers approve a kubelet client CSR submitted with that token
+/// only for this node name.
+pub const ANNOTATION_TOKEN_NODE_NAME: &str = "confidential.dev/node-name";
+/// Annotation on a PendingNode: the donor Node its machine replaces.
+pub const ANNOTATION_PENDING_DONOR: &str = "confidential.dev/donor";
+/// Annotation on a Node: when its drain started (RFC 3339), set with the cordon.
+pub const ANNOTATION_DRAIN_STARTED: &str = "confidential.dev/drain-started";

@@ -1,36 +1,36 @@
 //! `confidential-webhook`: the cluster's gate. Serves the validating admission
-//! endpoints, the attested join and rejoin endpoints, the cluster verify
-//! endpoint, `/metrics` and health probes over TLS.
+//! endpoint, `/metrics` and health probes over TLS (see the library for the
+//! pieces); the attested join endpoint runs beside it in the same process.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Parser;
+use confidential_webhook::server::{self, WebhookArgs};
 
 /// The cluster's gate: admission webhook and attested join endpoint.
 #[derive(Parser, Debug)]
 #[command(version, about)]
-struct Args {
-    /// Address to serve HTTPS on.
-    #[arg(
-        long,
-        default_value = "0.0.0.0:8443",
-        env = "CONFIDENTIAL_WEBHOOK_LISTEN"
-    )]
-    listen: std::net::SocketAddr,
-    /// PEM serving certificate; reloaded when the file changes.
-    #[arg(long, env = "CONFIDENTIAL_WEBHOOK_TLS_CERT")]
-    tls_cert: std::path::PathBuf,
-    /// PEM private key of the serving certificate.
-    #[arg(long, env = "CONFIDENTIAL_WEBHOOK_TLS_KEY")]
-    tls_key: std::path::PathBuf,
+struct Cli {
+    #[command(flatten)]
+    webhook: WebhookArgs,
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text", env = "CONFIDENTIAL_WEBHOOK_LOG_FORMAT")]
+    log_format: String,
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
-    bail!(
-        "serving on {} is not implemented in this build yet",
-        args.listen
-    )
+#[tokio::main]
+async fn main() -> Result<()> {
+    // rustls needs its crypto provider chosen before any TLS config is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    server::run(cli.webhook).await
 }

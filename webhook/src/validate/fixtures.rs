@@ -1,0 +1,104 @@
+//! Test fixtures shared by the decision tests: a publisher key, signed
+//! AttestationPolicies, NodeAttestations.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use confidential_api::{
+    AttestationPolicy, AttestationPolicySpec, EvidenceKind, MeasuredImage, Measurement,
+    NodeAttestation, NodeAttestationSpec, PublisherKey, Verdict,
+};
+use confidential_attestation::measurements::MeasurementFile;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use p256::ecdsa::SigningKey;
+use p256::pkcs8::{EncodePublicKey, LineEnding};
+
+use crate::verify::measurement_file;
+
+pub const IMAGE: &str = "ghcr.io/acme/node-image:v1.2.0";
+pub const PCR4: &str = "4444444444444444444444444444444444444444444444444444444444444444";
+pub const PCR9: &str = "9999999999999999999999999999999999999999999999999999999999999999";
+
+pub fn signing_key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32].into()).expect("valid scalar")
+}
+
+pub fn public_pem(key: &SigningKey) -> String {
+    key.verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("encodes")
+}
+
+/// An entry for `image` with PCR 4 enforced and PCR 9 warnOnly, signed by `key`.
+pub fn signed_entry(image: &str, key: &SigningKey) -> MeasuredImage {
+    let mut measurements = BTreeMap::new();
+    measurements.insert(
+        "4".to_owned(),
+        Measurement {
+            expected: PCR4.to_owned(),
+            warn_only: false,
+        },
+    );
+    measurements.insert(
+        "9".to_owned(),
+        Measurement {
+            expected: PCR9.to_owned(),
+            warn_only: true,
+        },
+    );
+    let mut entry = MeasuredImage {
+        image: image.to_owned(),
+        measurements,
+        publisher: "acme".to_owned(),
+        signature: String::new(),
+    };
+    let file: MeasurementFile = measurement_file(&entry).expect("valid entry");
+    entry.signature = file.sign(key);
+    entry
+}
+
+/// A policy trusting publisher `acme` (key seed 1) with the given entries.
+pub fn policy(images: Vec<MeasuredImage>) -> Arc<AttestationPolicy> {
+    let mut p = AttestationPolicy::new(
+        "default",
+        AttestationPolicySpec {
+            evidence_kinds: vec![EvidenceKind::Tpm],
+            publishers: vec![PublisherKey {
+                name: "acme".to_owned(),
+                public_key: public_pem(&signing_key(1)),
+            }],
+            images,
+            ..Default::default()
+        },
+    );
+    p.metadata.resource_version = Some("1".to_owned());
+    Arc::new(p)
+}
+
+pub fn now() -> jiff::Timestamp {
+    "2026-11-27T12:00:00Z".parse().expect("valid time")
+}
+
+/// A trusted attestation of `node` for [`IMAGE`] in pool `workers`, expiring
+/// `expires_in_secs` after [`now`].
+pub fn attestation(node: &str, expires_in_secs: i64) -> Arc<NodeAttestation> {
+    let mut measurements = BTreeMap::new();
+    measurements.insert("4".to_owned(), PCR4.to_owned());
+    measurements.insert("9".to_owned(), PCR9.to_owned());
+    Arc::new(NodeAttestation::new(
+        node,
+        NodeAttestationSpec {
+            node_name: node.to_owned(),
+            evidence_kind: EvidenceKind::Tpm,
+            image: IMAGE.to_owned(),
+            pool: Some("workers".to_owned()),
+            measurements,
+            ak_fingerprint: "ab".repeat(32),
+            disk_uuid: None,
+            attested_at: Time(now() - jiff::SignedDuration::from_secs(60)),
+            expires_at: Time(now() + jiff::SignedDuration::from_secs(expires_in_secs)),
+            verdict: Verdict::Trusted,
+            warnings: vec![],
+        },
+    ))
+}

@@ -1,0 +1,393 @@
+//! Attested TLS: attestation bound to the TLS channel.
+//!
+//! After a TLS 1.3 handshake both ends compute the RFC 5705 / RFC 9266
+//! exporter (`export_keying_material`, label [`EXPORTER_LABEL`], 32 bytes).
+//! The attesting side puts `SHA-256(NONCE_LABEL || exporter || purpose)` into
+//! its evidence (TPM qualifying data, SNP REPORT_DATA) and the verifier
+//! recomputes it from its own end. A man in the middle terminates two TLS
+//! sessions with two different exporters, so relayed evidence fails; evidence
+//! replayed from another connection fails too; no nonce round trip is needed.
+//!
+//! Certificates are ephemeral and self-signed. The client's verifier does not
+//! check any chain: it accepts the server's certificate because the *evidence*
+//! decides (or, when the caller pins one, because its key hash matches). It
+//! still verifies the handshake signature, so the peer holds the key.
+//!
+//! Modes: the server attests (node verify endpoint: the node answers with
+//! evidence bound to the caller's connection), the client attests (join: the
+//! node sends evidence in its request) or both (each side sends evidence for
+//! its own purpose string). The mode is a matter of who puts evidence into the
+//! HTTP exchange; the TLS layer is the same for all three.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Label of the TLS exporter.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-confidential.dev-atls";
+/// Domain separation prefix of the evidence nonce.
+pub const NONCE_LABEL: &[u8] = b"confidential.dev/atls/v1";
+/// Purpose: a node's evidence in `/v1/join` and `/v1/rejoin`.
+pub const PURPOSE_JOIN: &[u8] = b"join";
+/// Purpose: a node's evidence served on `/v1/attest`.
+pub const PURPOSE_NODE_ATTEST: &[u8] = b"node-attest";
+/// Purpose: the gate's evidence to an admin (`verify`, `recover`).
+pub const PURPOSE_CLUSTER_ATTEST: &[u8] = b"cluster-attest";
+
+#[derive(Debug, Error)]
+pub enum AtlsError {
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("generating ephemeral certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+}
+
+/// The exporter value of one TLS connection.
+pub type Exporter = [u8; 32];
+
+/// `SHA-256(NONCE_LABEL || exporter || purpose)`.
+pub fn nonce(exporter: &Exporter, purpose: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(NONCE_LABEL);
+    h.update(exporter);
+    h.update(purpose);
+    h.finalize().into()
+}
+
+fn export<D>(conn: &rustls::ConnectionCommon<D>) -> Result<Exporter, AtlsError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, None)?;
+    Ok(out)
+}
+
+/// A fresh self-signed certificate and key (P-256), valid for `names`.
+pub fn ephemeral_identity(
+    names: &[&str],
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), AtlsError> {
+    let names: Vec<String> = if names.is_empty() {
+        vec!["atls.confidential.dev".to_owned()]
+    } else {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    };
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
+    Ok((
+        cert.der().clone(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    ))
+}
+
+/// Server config with an ephemeral identity, TLS 1.3 only (the exporter
+/// binding relies on TLS 1.3 semantics).
+pub fn server_config() -> Result<Arc<ServerConfig>, AtlsError> {
+    let (cert, key) = ephemeral_identity(&[])?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client config that accepts any server certificate (attestation decides),
+/// or only one whose SubjectPublicKeyInfo hashes to `pin`.
+pub fn client_config(pin: Option<[u8; 32]>) -> Result<Arc<ClientConfig>, AtlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(AttestedServerVerifier {
+        algorithms: provider.signature_verification_algorithms,
+        pin,
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// SHA-256 of a certificate's SubjectPublicKeyInfo (the pin format).
+pub fn spki_pin(cert: &[u8]) -> Option<[u8; 32]> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(Sha256::digest(parsed.public_key().raw).into())
+}
+
+#[derive(Debug)]
+struct AttestedServerVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+    pin: Option<[u8; 32]>,
+}
+
+impl ServerCertVerifier for AttestedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            None => Ok(ServerCertVerified::assertion()),
+            Some(pin) if spki_pin(end_entity) == Some(pin) => Ok(ServerCertVerified::assertion()),
+            Some(_) => Err(rustls::Error::General(
+                "server key does not match the pinned key".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("aTLS requires TLS 1.3".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// What a server handler knows about the aTLS connection it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct AtlsPeer {
+    pub remote: SocketAddr,
+    pub exporter: Exporter,
+}
+
+impl AtlsPeer {
+    /// The nonce the peer's evidence for `purpose` must carry.
+    pub fn nonce(&self, purpose: &[u8]) -> [u8; 32] {
+        nonce(&self.exporter, purpose)
+    }
+}
+
+/// Serves HTTP/1.1 over aTLS. `make` is called once per connection with that
+/// connection's exporter, so handlers can check evidence and keep state that
+/// lives exactly as long as the channel it is bound to.
+pub async fn serve<F, S, B>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    make: F,
+) -> Result<(), AtlsError>
+where
+    F: Fn(AtlsPeer) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let acceptor = TlsAcceptor::from(config);
+    let make = Arc::new(make);
+    loop {
+        let (tcp, remote) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        let make = make.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "aTLS handshake failed");
+                    return;
+                }
+            };
+            let exporter = match export(tls.get_ref().1) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "no TLS exporter");
+                    return;
+                }
+            };
+            let service = make(AtlsPeer { remote, exporter });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%remote, error = %e, "aTLS connection ended");
+            }
+        });
+    }
+}
+
+/// An HTTP/1.1 client bound to one aTLS connection.
+pub struct AtlsClient {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    exporter: Exporter,
+    authority: String,
+}
+
+impl AtlsClient {
+    /// Connects to `addr` (`host:port`).
+    pub async fn connect(addr: &str, config: Arc<ClientConfig>) -> Result<Self, AtlsError> {
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let name =
+            ServerName::try_from(host.clone()).map_err(|_| AtlsError::ServerName(host.clone()))?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = TlsConnector::from(config).connect(name, tcp).await?;
+        let exporter = export(tls.get_ref().1)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| AtlsError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self {
+            sender,
+            exporter,
+            authority: addr.to_owned(),
+        })
+    }
+
+    pub fn exporter(&self) -> &Exporter {
+        &self.exporter
+    }
+
+    /// The nonce this side's evidence for `purpose` must carry.
+    pub fn nonce(&self, purpose: &[u8]) -> [u8; 32] {
+        nonce(&self.exporter, purpose)
+    }
+
+    /// POSTs `body` as JSON to `path`; returns the status and body bytes.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), AtlsError> {
+        let req = Request::post(path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AtlsError::Http(e.to_string()))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| AtlsError::Http(e.to_string()))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| AtlsError::Http(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| AtlsError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// A `hyper` service from a closure, for small servers without a router.
+pub fn service_fn<F, Fut>(
+    f: F,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = Fut,
+> + Send
++ 'static
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    hyper::service::service_fn(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
+    async fn echo_server() -> SocketAddr {
+        provider();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = server_config().expect("config");
+        tokio::spawn(serve(listener, config, |peer: AtlsPeer| {
+            service_fn(move |_req| async move {
+                // Answer with the nonce the server computes for this channel.
+                Ok(Response::new(Full::new(Bytes::copy_from_slice(
+                    &peer.nonce(PURPOSE_JOIN),
+                ))))
+            })
+        }));
+        addr
+    }
+
+    #[tokio::test]
+    async fn both_ends_compute_the_same_nonce_and_connections_differ() {
+        let addr = echo_server().await;
+        let mut a = AtlsClient::connect(&addr.to_string(), client_config(None).expect("cfg"))
+            .await
+            .expect("connect");
+        let mut b = AtlsClient::connect(&addr.to_string(), client_config(None).expect("cfg"))
+            .await
+            .expect("connect");
+        let (_, server_a) = a.post("/", vec![]).await.expect("post");
+        let (_, server_b) = b.post("/", vec![]).await.expect("post");
+        assert_eq!(&server_a[..], &a.nonce(PURPOSE_JOIN));
+        assert_eq!(&server_b[..], &b.nonce(PURPOSE_JOIN));
+        assert_ne!(a.nonce(PURPOSE_JOIN), b.nonce(PURPOSE_JOIN));
+        assert_ne!(a.nonce(PURPOSE_JOIN), a.nonce(PURPOSE_NODE_ATTEST));
+        // A second request on the same connection sees the same channel.
+        let (_, again) = a.post("/", vec![]).await.expect("post");
+        assert_eq!(again, server_a);
+    }
+
+    #[tokio::test]
+    async fn wrong_pin_is_refused() {
+        let addr = echo_server().await;
+        let err = AtlsClient::connect(
+            &addr.to_string(),
+            client_config(Some([0; 32])).expect("cfg"),
+        )
+        .await
+        .err();
+        assert!(err.is_some(), "a mismatching pin must fail the handshake");
+    }
+}

@@ -153,5 +153,32 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<Vec<String>> {
         )
         .await?;
     }
+    // Established is not the end: until the new resource's storage is
+    // initialised, requests get 429 "storage is (re)initializing".
+    for crd in crds.list(&Default::default()).await?.items {
+        let Some(name) = crd.metadata.name.as_ref().filter(|n| names.contains(n)) else {
+            continue;
+        };
+        let Some(version) = crd.spec.versions.iter().find(|v| v.storage) else {
+            continue;
+        };
+        let resource = kube::core::ApiResource {
+            group: crd.spec.group.clone(),
+            version: version.name.clone(),
+            api_version: format!("{}/{}", crd.spec.group, version.name),
+            kind: crd.spec.names.kind.clone(),
+            plural: crd.spec.names.plural.clone(),
+        };
+        let api: Api<kube::core::DynamicObject> = Api::all_with(client.clone(), &resource);
+        eventually(
+            &format!("{name} storage ready"),
+            std::time::Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                async move { Ok(api.list(&Default::default()).await.ok().map(|_| ())) }
+            },
+        )
+        .await?;
+    }
     Ok(names)
 }

@@ -1,0 +1,232 @@
+//! `kubectl confidential measurements`: what an image publisher runs.
+//!
+//! `compute` replays measured boot over the image's components (the same
+//! replay the firmware performs into the TPM) and writes the canonical
+//! measurement file; `sign` signs it as `cosign sign-blob --key` would;
+//! `verify` checks a signature the way the cluster does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use confidential_attestation::measurements::{
+    Expected, MeasurementFile, Measurements, component_digest, parse_pcr_index, replay,
+};
+use p256::ecdsa::SigningKey;
+use p256::pkcs8::DecodePrivateKey;
+
+#[derive(Subcommand, Debug)]
+pub enum MeasurementsCommand {
+    /// Compute the expected PCR values of a node image from its components.
+    Compute {
+        /// Image reference the measurements are for.
+        #[arg(long)]
+        image: String,
+        /// `PCR=COMPONENT[,COMPONENT...]`; a component is a file path or
+        /// `sha256:<hex>`. Components are extended in the order given.
+        #[arg(long = "pcr", required = true, value_name = "PCR=COMPONENTS")]
+        pcrs: Vec<String>,
+        /// PCRs whose mismatch only warns.
+        #[arg(long = "warn-only", value_name = "PCR")]
+        warn_only: Vec<String>,
+    },
+    /// Sign a measurement file with an ECDSA P-256 key (PKCS#8 or SEC1 PEM);
+    /// prints the base64 signature `cosign sign-blob --key` would print.
+    Sign {
+        /// Private key PEM.
+        #[arg(long)]
+        key: PathBuf,
+        /// The measurement file.
+        file: PathBuf,
+    },
+    /// Verify a measurement file's signature with a publisher public key.
+    Verify {
+        /// Publisher public key PEM (as `cosign generate-key-pair` writes it).
+        #[arg(long)]
+        key: PathBuf,
+        /// Base64 signature, or `@path` to read it from a file.
+        #[arg(long)]
+        signature: String,
+        /// Also require the file to be for this image.
+        #[arg(long)]
+        image: Option<String>,
+        /// The measurement file.
+        file: PathBuf,
+    },
+}
+
+pub fn run(command: &MeasurementsCommand) -> Result<()> {
+    match command {
+        MeasurementsCommand::Compute {
+            image,
+            pcrs,
+            warn_only,
+        } => {
+            let file = compute(image, pcrs, warn_only)?;
+            println!("{file}");
+            Ok(())
+        }
+        MeasurementsCommand::Sign { key, file } => {
+            let file = read_file(file)?;
+            let key = read_signing_key(key)?;
+            println!("{}", file.sign(&key));
+            Ok(())
+        }
+        MeasurementsCommand::Verify {
+            key,
+            signature,
+            image,
+            file,
+        } => {
+            let measurement_file = read_file(file)?;
+            let public_key = std::fs::read_to_string(key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            let signature = match signature.strip_prefix('@') {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+                }
+                None => signature.clone(),
+            };
+            let result = match image {
+                Some(image) => measurement_file.verify_for(image, &signature, &public_key),
+                None => measurement_file.verify(&signature, &public_key),
+            };
+            result.with_context(|| {
+                format!("{} is not signed by {}", file.display(), key.display())
+            })?;
+            println!(
+                "Verified OK: {} for image {}",
+                file.display(),
+                measurement_file.image
+            );
+            Ok(())
+        }
+    }
+}
+
+fn compute(image: &str, pcrs: &[String], warn_only: &[String]) -> Result<MeasurementFile> {
+    let warn: Vec<u8> = warn_only
+        .iter()
+        .map(|p| parse_pcr_index(p))
+        .collect::<Result<_, _>>()
+        .context("--warn-only")?;
+    let mut values = BTreeMap::new();
+    for spec in pcrs {
+        let (index, components) = spec
+            .split_once('=')
+            .with_context(|| format!("--pcr {spec:?}: expected PCR=COMPONENT[,COMPONENT...]"))?;
+        let pcr = parse_pcr_index(index).with_context(|| format!("--pcr {spec:?}"))?;
+        let digests = components
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(component)
+            .collect::<Result<Vec<_>>>()?;
+        if digests.is_empty() {
+            bail!("--pcr {spec:?} names no component");
+        }
+        let previous = values.insert(
+            pcr,
+            Expected {
+                expected: replay(&digests),
+                warn_only: warn.contains(&pcr),
+            },
+        );
+        if previous.is_some() {
+            bail!("PCR {pcr} given twice; list all its components in one --pcr");
+        }
+    }
+    if let Some(pcr) = warn.iter().find(|p| !values.contains_key(p)) {
+        bail!("--warn-only {pcr} names a PCR that no --pcr computes");
+    }
+    Ok(MeasurementFile {
+        image: image.to_owned(),
+        measurements: Measurements::new(values)?,
+    })
+}
+
+fn component(text: &str) -> Result<[u8; 32]> {
+    if let Some(hex_digest) = text.strip_prefix("sha256:") {
+        let bytes = hex::decode(hex_digest).with_context(|| format!("{text}: not hex"))?;
+        return bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{text}: a SHA-256 digest has 32 bytes"));
+    }
+    let bytes = std::fs::read(text).with_context(|| format!("reading component {text}"))?;
+    Ok(component_digest(&bytes))
+}
+
+fn read_file(path: &PathBuf) -> Result<MeasurementFile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    MeasurementFile::from_json(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn read_signing_key(path: &PathBuf) -> Result<SigningKey> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if pem.contains("ENCRYPTED") {
+        bail!(
+            "{} is encrypted (a cosign key?); sign with `cosign sign-blob --key {} <file>` instead, \
+             or export an unencrypted PKCS#8 key",
+            path.display(),
+            path.display()
+        );
+    }
+    SigningKey::from_pkcs8_pem(&pem)
+        .or_else(|_| p256::SecretKey::from_sec1_pem(&pem).map(SigningKey::from))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{} is not an ECDSA P-256 private key in PEM",
+                path.display()
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_replays_components_in_order() {
+        let a = "sha256:".to_owned() + &"11".repeat(32);
+        let b = "sha256:".to_owned() + &"22".repeat(32);
+        let file = compute(
+            "img:v1",
+            &[format!("4={a},{b}"), format!("9={a}")],
+            &["9".into()],
+        )
+        .expect("compute");
+        let expected4 = replay(&[[0x11; 32], [0x22; 32]]);
+        assert_eq!(
+            file.measurements.get(4).map(|e| e.expected),
+            Some(expected4)
+        );
+        assert_eq!(file.measurements.get(9).map(|e| e.warn_only), Some(true));
+    }
+
+    #[test]
+    fn compute_refuses_bad_specs() {
+        let d = "sha256:".to_owned() + &"11".repeat(32);
+        assert!(compute("i", &["4".into()], &[]).is_err(), "missing =");
+        assert!(
+            compute("i", &[format!("24={d}")], &[]).is_err(),
+            "pcr out of range"
+        );
+        assert!(
+            compute("i", &["4=sha256:zz".into()], &[]).is_err(),
+            "bad hex"
+        );
+        assert!(
+            compute("i", &[format!("4={d}"), format!("4={d}")], &[]).is_err(),
+            "twice"
+        );
+        assert!(
+            compute("i", &[format!("4={d}")], &["9".into()]).is_err(),
+            "warn-only unknown pcr"
+        );
+        assert!(
+            compute("i", &["4=/no/such/file".into()], &[]).is_err(),
+            "missing file"
+        );
+    }
+}

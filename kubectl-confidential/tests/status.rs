@@ -1,0 +1,81 @@
+//! `kubectl confidential status` against a real control plane.
+
+use std::process::Command;
+
+use anyhow::Result;
+use confidential_api::{NodeVersion, NodeVersionSpec};
+use confidential_testenv::{TestCluster, crds_dir, install_crds, unique_name};
+use kube::api::{Api, PostParams};
+
+fn plugin(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kubectl-confidential"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("run kubectl-confidential")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_pools_as_table_json_and_yaml() -> Result<()> {
+    let cluster = TestCluster::start().await?;
+
+    // Without our CRDs the plugin says what to do next and fails.
+    let out = plugin(&cluster.kubeconfig, &["status"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("kubectl confidential init"), "{stderr}");
+
+    install_crds(&cluster.client, &crds_dir()).await?;
+    let name = unique_name("workers");
+    let pool = NodeVersion::new(
+        &name,
+        NodeVersionSpec {
+            image: "registry.example/node:v7".into(),
+            kubernetes_version: "v1.35.4".into(),
+            replicas: 5,
+            control_plane: false,
+            strategy: Default::default(),
+        },
+    );
+    Api::<NodeVersion>::all(cluster.client.clone())
+        .create(&PostParams::default(), &pool)
+        .await?;
+
+    let out = plugin(&cluster.kubeconfig, &["status", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let pools = json["nodeVersions"].as_array().expect("nodeVersions array");
+    let ours = pools
+        .iter()
+        .find(|p| p["metadata"]["name"] == name.as_str())
+        .expect("our pool is listed");
+    assert_eq!(ours["spec"]["image"], "registry.example/node:v7");
+
+    let out = plugin(&cluster.kubeconfig, &["status", "-o", "yaml"]);
+    assert!(out.status.success());
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(yaml.contains("registry.example/node:v7"), "{yaml}");
+
+    let out = plugin(&cluster.kubeconfig, &["status"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .expect("table row");
+    assert!(
+        row.contains("registry.example/node:v7") && row.contains("v1.35.4"),
+        "{row}"
+    );
+
+    // A kubeconfig that does not exist is a clear error.
+    let out = plugin(std::path::Path::new("/no/such/kubeconfig"), &["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kubeconfig"));
+    Ok(())
+}

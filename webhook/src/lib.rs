@@ -8,6 +8,7 @@
 
 pub mod handler;
 pub mod image_ref;
+pub mod join;
 pub mod metrics;
 pub mod review;
 pub mod server;

@@ -12,6 +12,8 @@ use confidential_webhook::server::{self, WebhookArgs};
 struct Cli {
     #[command(flatten)]
     webhook: WebhookArgs,
+    #[command(flatten)]
+    join: confidential_webhook::join::JoinArgs,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", env = "CONFIDENTIAL_WEBHOOK_LOG_FORMAT")]
     log_format: String,
@@ -32,5 +34,6 @@ async fn main() -> Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    tokio::spawn(confidential_webhook::join::run_in_cluster(cli.join));
     server::run(cli.webhook).await
 }

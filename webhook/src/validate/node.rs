@@ -44,6 +44,26 @@ impl NodeMeta {
     }
 }
 
+/// The form of an image reference that fits in a label value: characters
+/// outside `[A-Za-z0-9._-]` become `_`, cut to 63 characters, trimmed to
+/// start and end alphanumerically (label values cannot hold `/` or `:`).
+pub fn image_label_value(image: &str) -> String {
+    let mapped: String = image
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
 /// The latest attestation (by `attestedAt`) recorded for `node_name`.
 pub fn latest_attestation<'a>(
     node_name: &str,
@@ -161,6 +181,7 @@ pub fn validate(
     };
     if let Some(label) = new.label(LABEL_NODE_IMAGE)
         && label != image
+        && label != image_label_value(image)
     {
         return Decision::deny(
             "identity_mismatch",
@@ -302,6 +323,14 @@ mod tests {
         let d = decide(&node("n1", &[]), None, &atts);
         assert!(d.allowed, "{}", d.message);
         assert_eq!(d.warnings.len(), 1);
+    }
+
+    #[test]
+    fn image_label_may_hold_the_label_safe_form() {
+        assert_eq!(image_label_value(IMAGE), "ghcr.io_acme_node-image_v1.2.0");
+        let n = node("n1", &[(LABEL_NODE_IMAGE, &image_label_value(IMAGE))]);
+        assert!(decide(&n, None, &[attestation("n1", 60)]).allowed);
+        assert!(image_label_value(&"a/".repeat(50)).len() <= 63);
     }
 
     #[test]

@@ -10,8 +10,10 @@
 
 pub mod binaries;
 pub mod controlplane;
+pub mod node;
 pub mod pki;
 mod process;
+pub mod swtpm;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -247,6 +247,35 @@ fn build_etcd(cache: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Krew release used by the plugin installation test.
+pub const KREW_VERSION: &str = "0.4.3";
+
+/// Returns the `krew` binary, building it once with `go install` (cached
+/// like the control plane; `KREW` names an existing binary instead).
+pub fn ensure_krew() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KREW").map(PathBuf::from) {
+        return Ok(path);
+    }
+    let dir = cache_dir().join(format!("krew-v{KREW_VERSION}"));
+    let krew = dir.join("krew");
+    if krew.is_file() {
+        return Ok(krew);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let lock = File::create(dir.join(".lock")).context("creating krew build lock")?;
+    lock.lock().context("locking the krew build")?;
+    if !krew.is_file() {
+        eprintln!("testenv: building krew v{KREW_VERSION} from sigs.k8s.io/krew (first run only)");
+        let mut install = go(&dir);
+        install.env("GOBIN", &dir).args([
+            "install",
+            &format!("sigs.k8s.io/krew/cmd/krew@v{KREW_VERSION}"),
+        ]);
+        run(install, "go install of krew")?;
+    }
+    Ok(krew)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

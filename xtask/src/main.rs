@@ -1,5 +1,7 @@
-//! Workspace tasks. `cargo xtask gen-crds` writes `manifests/crds/` from the
-//! types in `api/`; `cargo xtask check-crds` fails when they differ.
+//! Workspace tasks:
+//! - `cargo xtask gen-crds` writes `manifests/crds/` from the types in `api/`;
+//! - `cargo xtask krew --version vX.Y.Z --base-url URL --platform linux/amd64=PATH [--out DIR]`
+//!   writes the Krew archives and the plugin manifest (default `dist/`).
 
 use std::path::PathBuf;
 
@@ -9,21 +11,52 @@ fn crds_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds")
 }
 
-fn main() -> Result<()> {
-    let task = std::env::args().nth(1).unwrap_or_default();
-    match task.as_str() {
-        "gen-crds" => {
-            let dir = crds_dir();
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            for crd in confidential_api::crds() {
-                let path = dir.join(confidential_api::crd_file_name(&crd));
-                let yaml = confidential_api::crd_yaml(&crd).context("rendering CRD")?;
-                std::fs::write(&path, yaml)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", path.display());
-            }
-            Ok(())
+fn gen_crds() -> Result<()> {
+    let dir = crds_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for crd in confidential_api::crds() {
+        let path = dir.join(confidential_api::crd_file_name(&crd));
+        let yaml = confidential_api::crd_yaml(&crd).context("rendering CRD")?;
+        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn krew(args: &[String]) -> Result<()> {
+    let mut version = None;
+    let mut base_url = None;
+    let mut out = PathBuf::from("dist");
+    let mut platforms = Vec::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--version" => version = Some(value.clone()),
+            "--base-url" => base_url = Some(value.clone()),
+            "--out" => out = PathBuf::from(value),
+            "--platform" => platforms.push(value.parse()?),
+            other => bail!("unknown flag {other}; see `cargo xtask help`"),
         }
-        other => bail!("unknown task {other:?}; available: gen-crds"),
+    }
+    let version = version.context("--version is required (e.g. v0.1.0)")?;
+    let base_url =
+        base_url.context("--base-url is required (where the archives will be served)")?;
+    let package = xtask::krew::package(&version, &base_url, &platforms, &out)?;
+    for (archive, sha) in &package.archives {
+        println!("{sha}  {}", archive.display());
+    }
+    println!("wrote {}", package.manifest.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("gen-crds") => gen_crds(),
+        Some("krew") => krew(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR]"
+        ),
     }
 }

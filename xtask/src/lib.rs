@@ -1,0 +1,3 @@
+//! Workspace tasks as a library, so tests can run them too.
+
+pub mod krew;

@@ -3,5 +3,12 @@
 //! edges) the executor, reconciler, providers and CSR approver that talk to
 //! the Kubernetes API. The `confidential-controllers` binary wires them up.
 
+pub mod csr;
+pub mod leader;
+pub mod metrics;
+pub mod operator;
 pub mod planner;
+pub mod provider;
+pub mod reconciler;
 pub mod sim;
+pub mod sim_provider;

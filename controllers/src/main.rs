@@ -1,10 +1,26 @@
 //! `confidential-controllers`: the node operator. Rolls node pools to the image
 //! and Kubernetes version in `NodeVersion` (create, cordon, drain, replace),
-//! tracks pending machines, approves kubelet CSRs of attested nodes and expires
-//! attestations.
+//! tracks pending machines, approves kubelet CSRs of attested nodes and
+//! replaces nodes whose attestation expired. Serves `/metrics` and `/healthz`.
 
-use anyhow::{Result, bail};
-use clap::Parser;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, ValueEnum};
+use confidential_controllers::metrics::Metrics;
+use confidential_controllers::operator::{self, Leadership};
+use confidential_controllers::provider::{Provider, RecordOnly};
+use confidential_controllers::reconciler::Settings;
+use confidential_controllers::sim_provider::{SimConfig, SimProvider};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProviderKind {
+    /// Only record PendingNodes; machines are created outside.
+    RecordOnly,
+    /// The simulated cloud of the test environment (playground only).
+    Sim,
+}
 
 /// Node operator for confidential clusters.
 #[derive(Parser, Debug)]
@@ -13,15 +29,70 @@ struct Args {
     /// Address of the metrics and health endpoint.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_listen: std::net::SocketAddr,
+    /// Machine provider.
+    #[arg(long, value_enum, default_value = "record-only")]
+    provider: ProviderKind,
+    /// Namespace of the leader Lease.
+    #[arg(long, default_value = confidential_api::keys::NAMESPACE)]
+    leader_namespace: String,
+    /// Disable leader election (a single replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Identity in the leader Lease (default: POD_NAME or hostname).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
-fn main() -> Result<()> {
+#[tokio::main]
+async fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    bail!(
-        "the controllers are not implemented in this build yet (metrics on {})",
-        args.metrics_listen
-    )
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = kube::Config::infer()
+        .await
+        .context("loading Kubernetes configuration")?;
+    // An eviction refused by a PDB is a 429 the drain must see at once.
+    config.default_retry = false;
+    let client = kube::Client::try_from(config).context("building Kubernetes client")?;
+    let metrics = Metrics::new();
+    let provider: Arc<dyn Provider> = match args.provider {
+        ProviderKind::RecordOnly => Arc::new(RecordOnly),
+        ProviderKind::Sim => {
+            let sim = SimProvider::new(client.clone(), SimConfig::default());
+            let _kubelets = sim.spawn_kubelets();
+            Arc::new(sim)
+        }
+    };
+    let served = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = served.clone();
+                async move { m.encode() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_listen))?;
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(%err, "metrics server");
+        }
+    });
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("confidential-controllers-{}", std::process::id()));
+    let leadership = (!args.no_leader_election).then(|| Leadership {
+        namespace: args.leader_namespace,
+        lease: "confidential-controllers".into(),
+        identity,
+        duration: Duration::from_secs(15),
+    });
+    operator::run(client, provider, metrics, Settings::default(), leadership).await;
+    anyhow::bail!("lost leadership; exiting so a restart competes again")
 }

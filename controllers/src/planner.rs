@@ -23,7 +23,7 @@ pub type Seconds = i64;
 
 /// How many join attempts a slot gets before the pool is blocked.
 pub const DEFAULT_MAX_JOIN_ATTEMPTS: u32 = 3;
-/// First retry delay after a failed join; doubled per further failure.
+/// Default first retry delay after a failed join.
 pub const JOIN_RETRY_BACKOFF: Seconds = 10;
 
 /// A count or a percentage of `replicas` (`IntOrString` in the API).
@@ -73,6 +73,8 @@ pub struct Desired {
     pub drain_timeout: Seconds,
     pub join_deadline: Seconds,
     pub max_join_attempts: u32,
+    /// First retry delay after a failed join; doubled per further failure.
+    pub join_retry_backoff: Seconds,
     pub delete_empty_dir_data: bool,
     pub evict_unmanaged_pods: bool,
 }
@@ -293,9 +295,9 @@ pub fn available(node: &NodeObs) -> bool {
 }
 
 /// Backoff before attempt `next` (2, 3, ...) of a slot.
-pub fn retry_delay(next_attempt: u32) -> Seconds {
+pub fn retry_delay(base: Seconds, next_attempt: u32) -> Seconds {
     let exp = next_attempt.saturating_sub(2).min(10);
-    JOIN_RETRY_BACKOFF * (1 << exp)
+    base * (1 << exp)
 }
 
 /// The name of a new machine: pool, time and an index, avoiding `taken`.
@@ -591,7 +593,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
                     });
                 } else if !workers_wait
                     && creatable > 0
-                    && now >= p.failed_at.unwrap_or(now) + retry_delay(p.attempts + 1)
+                    && now
+                        >= p.failed_at.unwrap_or(now)
+                            + retry_delay(desired.join_retry_backoff, p.attempts + 1)
                 {
                     creatable -= 1;
                     create(Some(donor.name.clone()), p.attempts + 1, &mut actions);
@@ -661,7 +665,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
                 });
                 break;
             }
-            if now < p.failed_at.unwrap_or(now) + retry_delay(attempt) {
+            if now < p.failed_at.unwrap_or(now) + retry_delay(desired.join_retry_backoff, attempt) {
                 break;
             }
             actions.push(Action::ForgetPending {

@@ -57,6 +57,8 @@ pub struct Settings {
     /// Requeue interval when the pool is settled.
     pub idle_requeue: Duration,
     pub max_join_attempts: u32,
+    /// First retry delay after a failed join, seconds.
+    pub join_retry_backoff: Seconds,
 }
 
 impl Default for Settings {
@@ -65,6 +67,7 @@ impl Default for Settings {
             busy_requeue: Duration::from_secs(2),
             idle_requeue: Duration::from_secs(60),
             max_join_attempts: DEFAULT_MAX_JOIN_ATTEMPTS,
+            join_retry_backoff: planner::JOIN_RETRY_BACKOFF,
         }
     }
 }
@@ -132,6 +135,7 @@ pub fn desired_of(nv: &NodeVersion, settings: &Settings) -> Result<Desired, Erro
         drain_timeout: s.drain_timeout_seconds.unwrap_or(600).max(0),
         join_deadline: s.join_deadline_seconds.unwrap_or(600).max(1),
         max_join_attempts: settings.max_join_attempts,
+        join_retry_backoff: settings.join_retry_backoff,
         delete_empty_dir_data: s.delete_empty_dir_data,
         evict_unmanaged_pods: s.evict_unmanaged_pods,
     })
@@ -749,6 +753,25 @@ async fn write_status(
 pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let desired = desired_of(&nv, &ctx.settings)?;
     let observed = observe(&ctx.client, &desired).await?;
+    // A crash between recording a PendingNode and asking the provider
+    // leaves a record without a machine: ensure every live record has one
+    // (creation is idempotent).
+    for p in &observed.pending {
+        if p.failed_at.is_none()
+            && p.deadline >= observed.now
+            && !observed.nodes.iter().any(|n| n.name == p.name)
+        {
+            ctx.provider
+                .create_machine(&MachineRequest {
+                    name: p.name.clone(),
+                    pool: desired.pool.clone(),
+                    image: p.image.clone(),
+                    kubernetes_version: desired.kubernetes_version.clone(),
+                    control_plane: desired.control_plane,
+                })
+                .await?;
+        }
+    }
     let actions = planner::plan(&desired, &observed);
     let mut outcomes = Outcomes::default();
     let mut status = PoolStatus::default();

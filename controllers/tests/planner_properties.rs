@@ -5,7 +5,8 @@
 //! invariants of DESIGN.md are checked at every step, and progress at the end.
 
 use confidential_controllers::planner::{
-    Action, Amount, Blocked, DEFAULT_MAX_JOIN_ATTEMPTS, Desired, NodeObs, Observed, available, plan,
+    Action, Amount, Blocked, DEFAULT_MAX_JOIN_ATTEMPTS, Desired, JOIN_RETRY_BACKOFF, NodeObs,
+    Observed, available, plan,
 };
 use confidential_controllers::sim::{World, WorldConfig};
 use proptest::prelude::*;
@@ -22,6 +23,7 @@ fn desired(replicas: u32, surge: Amount, unavailable: Amount, control_plane: boo
         drain_timeout: 120,
         join_deadline: 60,
         max_join_attempts: DEFAULT_MAX_JOIN_ATTEMPTS,
+        join_retry_backoff: JOIN_RETRY_BACKOFF,
         delete_empty_dir_data: false,
         evict_unmanaged_pods: false,
     }

@@ -9,6 +9,7 @@
 mod measurements;
 mod output;
 mod status;
+mod upgrade;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -43,8 +44,8 @@ enum Command {
     Init,
     /// Verify the cluster (or one node) by remote attestation with a fresh nonce.
     Verify,
-    /// Roll the fleet to a new node image or Kubernetes version.
-    Upgrade,
+    /// Roll a node pool to a new node image or Kubernetes version.
+    Upgrade(upgrade::UpgradeArgs),
     /// Show node pools, attestations and pending machines.
     Status(status::StatusArgs),
     /// Recover a cluster whose control-plane nodes all rebooted.
@@ -85,6 +86,7 @@ async fn main() -> Result<()> {
     match &cli.command {
         Command::Measurements(command) => measurements::run(command),
         Command::Status(args) => status::run(&client(&cli).await?, args).await,
+        Command::Upgrade(args) => upgrade::run(&client(&cli).await?, args).await,
         other => bail!(
             "`kubectl confidential {}` is not available in this version yet; see `kubectl confidential --help`",
             format!("{other:?}").to_lowercase()

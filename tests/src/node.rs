@@ -244,6 +244,7 @@ impl SimulatedNode {
         )?;
         let client = client_from_kubeconfig(&path).await?;
         register_node(&client, &self.name).await?;
+        heartbeat_once(&client, &self.name).await?;
         let heartbeat = tokio::spawn(heartbeats(client.clone(), self.name.clone()));
         Ok(Kubelet {
             client,
@@ -330,35 +331,40 @@ async fn register_node(client: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn heartbeats(client: Client, name: String) {
+/// One kubelet heartbeat: renew the node Lease and the Ready condition.
+pub async fn heartbeat_once(client: &Client, name: &str) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    let nodes: Api<Node> = Api::all(client);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let now_ts = jiff::Timestamp::now();
+    let now = now_ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let micro = now_ts.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": name, "namespace": "kube-node-lease" },
+        "spec": { "holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro }
+    });
+    leases
+        .patch(
+            name,
+            &PatchParams::apply("simulated-kubelet").force(),
+            &Patch::Apply(&lease),
+        )
+        .await?;
+    nodes
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({ "status": { "conditions": [ready_condition(&now)] } })),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn heartbeats(client: Client, name: String) {
     loop {
-        let now_ts = jiff::Timestamp::now();
-        let now = now_ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
-        let micro = now_ts.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
-        let lease = json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": { "name": name, "namespace": "kube-node-lease" },
-            "spec": { "holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro }
-        });
-        if let Err(e) = leases
-            .patch(
-                &name,
-                &PatchParams::apply("simulated-kubelet").force(),
-                &Patch::Apply(&lease),
-            )
-            .await
-        {
-            tracing::warn!(node = %name, error = %e, "lease renewal failed");
-        }
-        let _ = nodes
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Strategic(json!({ "status": { "conditions": [ready_condition(&now)] } })),
-            )
-            .await;
         tokio::time::sleep(Duration::from_secs(10)).await;
+        if let Err(e) = heartbeat_once(&client, &name).await {
+            tracing::warn!(node = %name, error = %e, "heartbeat failed");
+        }
     }
 }

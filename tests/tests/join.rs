@@ -1,0 +1,587 @@
+//! End-to-end attested join on real components: a real control plane, real
+//! swtpm TPMs with EK certificates from a local CA, the real bootstrapper
+//! binary and the gate's join endpoint (in-process, on its own aTLS port).
+//!
+//! One positive path, then every refusal on its own, each asserting the
+//! refusal reason and that nothing was created (no NodeAttestation written or
+//! changed, no bootstrap token Secret).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use confidential_api::keys::ANNOTATION_TOKEN_NODE_NAME;
+use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
+use confidential_attestation::atls::{self, AtlsClient, AtlsPeer, PURPOSE_JOIN};
+use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};
+use confidential_attestation::kdf::MasterSecret;
+use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
+use confidential_attestation::protocol::{
+    ActivateRequest, JoinChallenge, JoinRequest, PATH_ACTIVATE, PATH_JOIN, Refused,
+};
+use confidential_attestation::tpm::issuer::{TpmIssuer, read_pcrs_blocking};
+use confidential_testenv::node::{IMAGE_PCR, NodeImage, SimulatedNode};
+use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
+use confidential_testenv::{TestCluster, crds_dir, eventually, install_crds, unique_name};
+use confidential_webhook::join::{Gate, GateConfig, serve};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use p256::pkcs8::EncodePublicKey;
+use serde_json::json;
+
+/// A cluster with CRDs, a policy trusting one image, a pool, and a gate.
+struct Env {
+    cluster: TestCluster,
+    ca: SwtpmCa,
+    gate: Arc<Gate>,
+    addr: String,
+    image: NodeImage,
+    pool: String,
+    master: MasterSecret,
+    server_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.server_task.abort();
+    }
+}
+
+fn signing_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
+}
+
+impl Env {
+    async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// `tweak` may change the policy spec (JSON) before it is created.
+    async fn start_with(tweak: impl FnOnce(&mut serde_json::Value)) -> Result<Self> {
+        let cluster = TestCluster::start().await?;
+        let client = cluster.client.clone();
+        install_crds(&client, &crds_dir()).await?;
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": { "name": unique_name("bootstrappers") },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-bootstrapper" },
+            "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:bootstrappers" }]
+        }))?;
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await?;
+
+        // The local EK CA materialises with the first manufactured TPM.
+        let ca = SwtpmCa::new()?;
+        drop(Swtpm::start(&ca)?);
+        let image = NodeImage::new(&unique_name("node-image"));
+        let key = signing_key();
+        let file = MeasurementFile {
+            image: image.name.clone(),
+            measurements: Measurements::new(BTreeMap::from([(
+                u8::try_from(IMAGE_PCR)?,
+                Expected {
+                    expected: image.expected_pcr(),
+                    warn_only: false,
+                },
+            )]))?,
+        };
+        let signature = file.sign(&key);
+        let public_pem = key
+            .verifying_key()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let policy = unique_name("policy");
+        let pool = unique_name("pool");
+        let mut spec = json!({
+            "evidenceKinds": ["Tpm"],
+            "tpm": { "ekCaCertificates": [ca.issuer_pem()?] },
+            "publishers": [{ "name": "test-publisher", "publicKey": public_pem }],
+            "images": [{
+                "image": image.name,
+                "measurements": { IMAGE_PCR.to_string(): { "expected": hex::encode(image.expected_pcr()), "warnOnly": false } },
+                "publisher": "test-publisher",
+                "signature": signature,
+            }],
+            "reattestationInterval": "24h",
+        });
+        tweak(&mut spec);
+        let policy_obj: AttestationPolicy =
+            serde_json::from_value(json!({ "metadata": { "name": policy }, "spec": spec }))?;
+        Api::<AttestationPolicy>::all(client.clone())
+            .create(&PostParams::default(), &policy_obj)
+            .await?;
+        let version: NodeVersion = serde_json::from_value(json!({
+            "metadata": { "name": pool },
+            "spec": { "image": image.name, "kubernetesVersion": "v1.35.0", "replicas": 1 }
+        }))?;
+        Api::<NodeVersion>::all(client.clone())
+            .create(&PostParams::default(), &version)
+            .await?;
+
+        let cp = cluster
+            .control_plane
+            .as_ref()
+            .context("needs a private control plane")?;
+        let master = MasterSecret::new(vec![0x42; 32], b"test-salt".to_vec())?;
+        let gate = Arc::new(Gate::new(GateConfig {
+            client: client.clone(),
+            master: master.clone(),
+            api_server: cp.server.clone(),
+            ca_pem: cp.ca_pem.clone(),
+            policy: policy.clone(),
+            default_pool: pool.clone(),
+            token_ttl: Duration::from_secs(600),
+        })?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let g = gate.clone();
+        let server_task = tokio::spawn(async move {
+            let _ = serve(listener, g).await;
+        });
+        Ok(Self {
+            cluster,
+            ca,
+            gate,
+            addr,
+            image,
+            pool,
+            master,
+            server_task,
+        })
+    }
+
+    fn client(&self) -> Client {
+        self.cluster.client.clone()
+    }
+
+    /// Names of bootstrap token Secrets and NodeAttestations (with their AK).
+    async fn snapshot(&self) -> Result<(Vec<String>, Vec<(String, String)>)> {
+        let secrets = Api::<Secret>::namespaced(self.client(), "kube-system")
+            .list(&ListParams::default().fields("type=bootstrap.kubernetes.io/token"))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect();
+        let atts = Api::<NodeAttestation>::all(self.client())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|a| (a.spec.node_name, a.spec.ak_fingerprint))
+            .collect();
+        Ok((secrets, atts))
+    }
+
+    fn boot(&self, name: &str) -> Result<SimulatedNode> {
+        SimulatedNode::boot(&self.ca, name, &self.image)
+    }
+}
+
+/// Approves a CSR as the test's stand-in for the controllers' approver.
+async fn approve(client: &Client, csr: &str) -> Result<()> {
+    let approval = json!({ "status": { "conditions": [{
+        "type": "Approved", "status": "True", "reason": "TestApproved", "message": "approved by the join test"
+    }]}});
+    Api::<CertificateSigningRequest>::all(client.clone())
+        .patch_approval(csr, &PatchParams::default(), &Patch::Merge(&approval))
+        .await?;
+    Ok(())
+}
+
+/// Joins through the library instead of the binary, with a hook to tamper
+/// with the evidence; activates the credential when challenged.
+async fn lib_join(
+    addr: &str,
+    issuer: &Arc<TpmIssuer>,
+    node_name: &str,
+    tamper: impl FnOnce(&mut TpmEvidence),
+) -> Result<(u16, Vec<u8>)> {
+    let mut client = AtlsClient::connect(addr, atls::client_config(None)?).await?;
+    let mut evidence = issuer
+        .quote(client.nonce(PURPOSE_JOIN), vec![IMAGE_PCR])
+        .await?;
+    tamper(&mut evidence);
+    let request = join_request(node_name, evidence);
+    let (status, body) = client
+        .post(PATH_JOIN, serde_json::to_vec(&request)?)
+        .await?;
+    if status.as_u16() != 202 {
+        return Ok((status.as_u16(), body.to_vec()));
+    }
+    let challenge: JoinChallenge = serde_json::from_slice(&body)?;
+    let credential = issuer
+        .activate_credential(challenge.challenge)
+        .await
+        .unwrap_or_else(|_| vec![0; 32]);
+    let (status, body) = client
+        .post(
+            PATH_ACTIVATE,
+            serde_json::to_vec(&ActivateRequest { credential })?,
+        )
+        .await?;
+    Ok((status.as_u16(), body.to_vec()))
+}
+
+fn join_request(node_name: &str, evidence: TpmEvidence) -> JoinRequest {
+    JoinRequest {
+        node_name: node_name.to_owned(),
+        disk_uuid: "5e1f0000-0000-4000-8000-000000000001".into(),
+        pool: None,
+        evidence: EvidenceEnvelope::new(Evidence::Tpm(evidence)),
+    }
+}
+
+fn reason(body: &[u8]) -> String {
+    serde_json::from_slice::<Refused>(body)
+        .map(|r| r.reason)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+}
+
+fn assert_refused(status: u16, body: &[u8], expected: &str) {
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(body));
+    assert_eq!(reason(body), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_node_joins_and_its_kubelet_gets_a_signed_certificate() -> Result<()> {
+    let env = Env::start().await?;
+    let name = unique_name("node");
+    let node = env.boot(&name)?;
+    let out = node
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(out.success, "bootstrapper failed:\n{}", out.log);
+
+    let att = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
+    assert_eq!(att.spec.image, env.image.name);
+    assert_eq!(att.spec.pool.as_deref(), Some(env.pool.as_str()));
+    assert_eq!(
+        att.spec.measurements.get(&IMAGE_PCR.to_string()),
+        Some(&hex::encode(env.image.expected_pcr()))
+    );
+    assert_eq!(att.spec.ak_fingerprint.len(), 64);
+    let (tokens, _) = env.snapshot().await?;
+    assert_eq!(tokens.len(), 1);
+    let token = Api::<Secret>::namespaced(env.client(), "kube-system")
+        .get(&tokens[0])
+        .await?;
+    assert_eq!(
+        token
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(ANNOTATION_TOKEN_NODE_NAME),
+        Some(&name)
+    );
+    // The state disk key is the HKDF derivation for the disk UUID.
+    assert_eq!(std::fs::read(node.disk_key_file())?.len(), 32);
+    // The node extended PCR 15 with the cluster ID.
+    let tcti = node.swtpm.tcti();
+    let pcrs = tokio::task::spawn_blocking(move || read_pcrs_blocking(&tcti, &[15])).await??;
+    let expected =
+        confidential_attestation::measurements::extend(&[0; 32], &env.master.cluster_id());
+    assert_eq!(pcrs.get(&15), Some(&expected));
+
+    let admin = env.client();
+    let kubelet = node
+        .start_kubelet(|csr| async move { approve(&admin, &csr).await })
+        .await?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(kubelet.cert_pem.as_bytes())?;
+    let cert = pem.parse_x509()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .map(str::to_owned);
+    assert_eq!(cn, Some(format!("system:node:{name}")));
+    let n = Api::<Node>::all(env.client()).get(&name).await?;
+    let ready = n.status.and_then(|s| s.conditions).unwrap_or_default();
+    assert!(
+        ready
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+    Api::<Lease>::namespaced(env.client(), "kube-node-lease")
+        .get(&name)
+        .await?;
+    assert_eq!(env.gate.metrics.refused("pcr-mismatch"), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_pcr_is_refused() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    let node = SimulatedNode::boot(
+        &env.ca,
+        &unique_name("node"),
+        &NodeImage::new("tampered-image"),
+    )?;
+    let out = node
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(!out.success, "a node with a wrong PCR joined:\n{}", out.log);
+    assert!(out.log.contains("pcr-mismatch"), "{}", out.log);
+    assert_eq!(env.snapshot().await?, before);
+    assert_eq!(env.gate.metrics.refused("pcr-mismatch"), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quote_replayed_from_another_connection_is_refused() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    let node = env.boot(&unique_name("node"))?;
+    let issuer = TpmIssuer::open(&node.swtpm.tcti()).await?;
+    // A genuine quote, bound to connection 1 ...
+    let first = AtlsClient::connect(&env.addr, atls::client_config(None)?).await?;
+    let evidence = issuer
+        .quote(first.nonce(PURPOSE_JOIN), vec![IMAGE_PCR])
+        .await?;
+    // ... presented on connection 2.
+    let mut second = AtlsClient::connect(&env.addr, atls::client_config(None)?).await?;
+    let (status, body) = second
+        .post(
+            PATH_JOIN,
+            serde_json::to_vec(&join_request(&node.name, evidence))?,
+        )
+        .await?;
+    assert_refused(status.as_u16(), &body, "nonce-mismatch");
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    // The MITM terminates the node's aTLS and relays requests verbatim over
+    // its own aTLS connection to the gate.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mitm_addr = listener.local_addr()?.to_string();
+    let gate_addr = env.addr.clone();
+    let mitm = tokio::spawn(atls::serve(
+        listener,
+        atls::server_config()?,
+        move |_peer: AtlsPeer| {
+            let gate_addr = gate_addr.clone();
+            let upstream = Arc::new(tokio::sync::Mutex::new(None::<AtlsClient>));
+            atls::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let gate_addr = gate_addr.clone();
+                let upstream = upstream.clone();
+                async move {
+                    use http_body_util::BodyExt;
+                    let path = req.uri().path().to_owned();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().to_vec())
+                        .unwrap_or_default();
+                    let mut slot = upstream.lock().await;
+                    if slot.is_none() {
+                        *slot = AtlsClient::connect(
+                            &gate_addr,
+                            atls::client_config(None).expect("config"),
+                        )
+                        .await
+                        .ok();
+                    }
+                    let (status, answer) = match slot.as_mut() {
+                        Some(c) => c
+                            .post(&path, body)
+                            .await
+                            .unwrap_or((hyper::StatusCode::BAD_GATEWAY, Default::default())),
+                        None => (hyper::StatusCode::BAD_GATEWAY, Default::default()),
+                    };
+                    let mut resp = hyper::Response::new(http_body_util::Full::new(answer));
+                    *resp.status_mut() = status;
+                    Ok(resp)
+                }
+            })
+        },
+    ));
+    let node = env.boot(&unique_name("node"))?;
+    let out = node.run_bootstrapper(&[mitm_addr], &[]).await?;
+    mitm.abort();
+    assert!(!out.success, "a relayed join succeeded:\n{}", out.log);
+    assert!(out.log.contains("nonce-mismatch"), "{}", out.log);
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ek_not_certified_by_a_trusted_ca_is_refused() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    let rogue_ca = SwtpmCa::new()?;
+    let node = SimulatedNode::boot(&rogue_ca, &unique_name("node"), &env.image)?;
+    let out = node
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(!out.success, "{}", out.log);
+    assert!(out.log.contains("ek-untrusted"), "{}", out.log);
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ak_not_in_the_tpm_of_the_certified_ek_fails_activation() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    let honest = env.boot(&unique_name("node"))?;
+    let honest_issuer = TpmIssuer::open(&honest.swtpm.tcti()).await?;
+    let ek_cert = honest_issuer.ek_certificate_blocking()?;
+    // An attacker with its own TPM (correct PCRs) borrows the honest
+    // machine's public EK certificate.
+    let attacker = env.boot(&unique_name("node"))?;
+    let issuer = TpmIssuer::open(&attacker.swtpm.tcti()).await?;
+    let (status, body) = lib_join(&env.addr, &issuer, &attacker.name, |ev| {
+        ev.ek_certificate = ek_cert
+    })
+    .await?;
+    assert_refused(status, &body, "activation-failed");
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_quote_bytes_are_refused() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    let node = env.boot(&unique_name("node"))?;
+    let issuer = TpmIssuer::open(&node.swtpm.tcti()).await?;
+    let (status, body) = lib_join(&env.addr, &issuer, &node.name, |ev| {
+        // firmwareVersion sits right before the PCR selection; any flipped
+        // bit of the signed bytes must break the signature.
+        let i = ev.attest.len() / 2;
+        ev.attest[i] ^= 0x01;
+    })
+    .await?;
+    assert_refused(status, &body, "quote-signature");
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_node_claiming_an_attested_name_is_refused() -> Result<()> {
+    let env = Env::start().await?;
+    let name = unique_name("node");
+    let first = env.boot(&name)?;
+    let out = first
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(out.success, "{}", out.log);
+    let admin = env.client();
+    let _kubelet = first
+        .start_kubelet(|csr| async move { approve(&admin, &csr).await })
+        .await?;
+    let before = env.snapshot().await?;
+
+    let impostor = env.boot(&name)?;
+    let out = impostor
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(!out.success, "{}", out.log);
+    assert!(out.log.contains("name-taken"), "{}", out.log);
+    assert_eq!(
+        env.snapshot().await?,
+        before,
+        "the attestation must still name the first AK"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_token_is_single_use() -> Result<()> {
+    let env = Env::start().await?;
+    let name = unique_name("node");
+    let node = env.boot(&name)?;
+    let out = node
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(out.success, "{}", out.log);
+    // The approver's contract: approve one CSR whose node name matches the
+    // token's bound node, then delete the token.
+    let admin = env.client();
+    let _kubelet = node
+        .start_kubelet(|csr| async move {
+            let csrs = Api::<CertificateSigningRequest>::all(admin.clone())
+                .get(&csr)
+                .await?;
+            let user = csrs.spec.username.unwrap_or_default();
+            let id = user
+                .strip_prefix("system:bootstrap:")
+                .context("not a token user")?
+                .to_owned();
+            let secrets = Api::<Secret>::namespaced(admin.clone(), "kube-system");
+            let token = secrets.get(&format!("bootstrap-token-{id}")).await?;
+            let bound = token
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .get(ANNOTATION_TOKEN_NODE_NAME)
+                .cloned();
+            if bound.as_deref() != Some(name.as_str()) {
+                bail!("token bound to {bound:?}, CSR for {name}");
+            }
+            approve(&admin, &csr).await?;
+            secrets
+                .delete(&format!("bootstrap-token-{id}"), &Default::default())
+                .await?;
+            Ok(())
+        })
+        .await?;
+    // Reusing the token: the API server no longer accepts it.
+    let reuse = confidential_testenv::client_from_kubeconfig(&node.bootstrap_kubeconfig()).await?;
+    let err = eventually(
+        "the used token to be refused",
+        Duration::from_secs(30),
+        || {
+            let reuse = reuse.clone();
+            async move {
+                match confidential_testenv::node::submit_kubelet_csr(&reuse, "another-node").await {
+                    Err(e) => Ok(Some(e)),
+                    Ok(_) => Ok(None),
+                }
+            }
+        },
+    )
+    .await?;
+    let status = err.downcast_ref::<kube::Error>().and_then(|e| match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    });
+    assert_eq!(status, Some(401), "{err:#}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measurement_file_with_a_bad_signature_is_refused() -> Result<()> {
+    let other = signing_key();
+    let env = Env::start_with(|spec| {
+        // A signature by a key that is not the listed publisher's.
+        let file = MeasurementFile {
+            image: "x".into(),
+            measurements: Measurements::default(),
+        };
+        spec["images"][0]["signature"] = json!(file.sign(&other));
+    })
+    .await?;
+    let before = env.snapshot().await?;
+    let node = env.boot(&unique_name("node"))?;
+    let out = node
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(!out.success, "{}", out.log);
+    assert!(out.log.contains("measurements-signature"), "{}", out.log);
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}

@@ -45,8 +45,9 @@ pub struct WebhookArgs {
     /// How often to check the certificate files for new contents.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "CONFIDENTIAL_WEBHOOK_TLS_RELOAD_INTERVAL")]
     pub tls_reload_interval: Duration,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = 3 * 1024 * 1024, env = "CONFIDENTIAL_WEBHOOK_MAX_BODY_BYTES")]
+    /// Largest accepted request body, in bytes. A review carries the object
+    /// and the old object (etcd allows 1.5 MiB each), plus the envelope.
+    #[arg(long, default_value_t = 8 * 1024 * 1024, env = "CONFIDENTIAL_WEBHOOK_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
     /// Kubeconfig to watch the cluster with; in-cluster or $KUBECONFIG when unset.
     #[arg(long, env = "CONFIDENTIAL_WEBHOOK_KUBECONFIG")]

@@ -523,6 +523,25 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
+    // A slot whose join failed keeps its surge while it backs off, so
+    // failures are retried in place instead of spreading over other donors;
+    // once a slot has used all its attempts the pool creates nothing more.
+    let failed_slot = |d: &&NodeObs| {
+        latest_for_donor
+            .get(d.name.as_str())
+            .filter(|p| p.failed_at.is_some())
+            .map(|p| p.attempts)
+    };
+    let mut reserved = donors
+        .iter()
+        .filter_map(failed_slot)
+        .filter(|a| *a < desired.max_join_attempts)
+        .count() as u32;
+    let pool_blocked = donors
+        .iter()
+        .filter_map(failed_slot)
+        .any(|a| a >= desired.max_join_attempts);
+
     for donor in &donors {
         status.donors.push(donor.name.clone());
         let latest = latest_for_donor.get(donor.name.as_str()).copied();
@@ -592,17 +611,19 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
                         attempts: p.attempts,
                     });
                 } else if !workers_wait
+                    && !pool_blocked
                     && creatable > 0
                     && now
                         >= p.failed_at.unwrap_or(now)
                             + retry_delay(desired.join_retry_backoff, p.attempts + 1)
                 {
                     creatable -= 1;
+                    reserved = reserved.saturating_sub(1);
                     create(Some(donor.name.clone()), p.attempts + 1, &mut actions);
                 }
             }
             None => {
-                if !workers_wait && creatable > 0 {
+                if !workers_wait && !pool_blocked && creatable > reserved {
                     creatable -= 1;
                     create(Some(donor.name.clone()), 1, &mut actions);
                 }
@@ -654,7 +675,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
     failures.sort_by_key(|p| std::cmp::Reverse(p.attempts));
     let mut failures = failures.into_iter();
     let mut missing = desired.replicas.saturating_sub(occupied);
-    while missing > 0 && creatable > 0 {
+    while missing > 0 && creatable > reserved && !pool_blocked {
         let previous = failures.next();
         let attempt = previous.map_or(1, |p| p.attempts + 1);
         if let Some(p) = previous {

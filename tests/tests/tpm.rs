@@ -104,3 +104,23 @@ async fn credential_activates_only_in_the_tpm_of_the_ek() -> Result<()> {
     assert!(issuer_a.activate_credential(challenge).await.is_err());
     Ok(())
 }
+
+/// Regenerates `attestation/testdata/tpm/` (a real swtpm quote over the
+/// nonce `[0x11; 32]` and the EK CA that certifies its EK), which the
+/// attestation crate's unit tests and benchmarks verify without a TPM:
+/// `cargo test -p confidential-testenv --test tpm -- --ignored write_quote_fixture`.
+#[tokio::test]
+#[ignore = "regenerates committed test data"]
+async fn write_quote_fixture() -> Result<()> {
+    let ca = SwtpmCa::new()?;
+    let image = NodeImage::new("fixture-image");
+    let tpm = booted(&ca, &image)?;
+    let issuer = TpmIssuer::open(&tpm.tcti()).await?;
+    let ev = issuer.quote([0x11; 32], vec![0, IMAGE_PCR, 7]).await?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../attestation/testdata/tpm");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("quote.json"), serde_json::to_string_pretty(&ev)?)?;
+    std::fs::write(dir.join("ek-ca.pem"), ca.issuer_pem()?)?;
+    std::fs::write(dir.join("image-pcr4.hex"), hex::encode(image.expected_pcr()))?;
+    Ok(())
+}

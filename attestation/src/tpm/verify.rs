@@ -250,3 +250,61 @@ pub fn verify_quote(
         ek_public,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real swtpm quote over nonce `[0x11; 32]` (regenerate with the
+    /// ignored `write_quote_fixture` test in `tests/tests/tpm.rs`).
+    fn fixture() -> (TpmEvidence, Vec<Vec<u8>>) {
+        let ev = serde_json::from_str(include_str!("../../testdata/tpm/quote.json"))
+            .expect("fixture parses");
+        let cas = parse_certificates(include_str!("../../testdata/tpm/ek-ca.pem")).expect("CA");
+        (ev, cas)
+    }
+
+    #[test]
+    fn recorded_swtpm_quote_verifies() {
+        let (ev, cas) = fixture();
+        let v = verify_quote(&ev, &[0x11; 32], &cas).expect("verifies");
+        let pcr4 = include_str!("../../testdata/tpm/image-pcr4.hex").trim();
+        assert_eq!(v.pcrs.get(&4).map(hex::encode).as_deref(), Some(pcr4));
+        assert_eq!(v.ak_name.len(), 34);
+    }
+
+    #[test]
+    fn every_field_is_checked() {
+        let (ev, cas) = fixture();
+        assert_eq!(verify_quote(&ev, &[0x12; 32], &cas), Err(TpmError::Nonce));
+        let mut bad = ev.clone();
+        bad.signature[5] ^= 1;
+        assert_eq!(
+            verify_quote(&bad, &[0x11; 32], &cas),
+            Err(TpmError::Signature)
+        );
+        let mut bad = ev.clone();
+        bad.pcrs.remove(&7);
+        assert_eq!(
+            verify_quote(&bad, &[0x11; 32], &cas),
+            Err(TpmError::PcrDigest)
+        );
+        let mut bad = ev.clone();
+        // Clear the `restricted` attribute: such a key could sign forged quotes.
+        bad.ak_public[5] &= !0x01;
+        assert!(matches!(
+            verify_quote(&bad, &[0x11; 32], &cas),
+            Err(TpmError::AkAttributes(_))
+        ));
+        assert_eq!(
+            verify_quote(&ev, &[0x11; 32], &[]),
+            Err(TpmError::EkUntrusted)
+        );
+    }
+
+    #[test]
+    fn attest_parser_refuses_garbage() {
+        assert!(parse_attest(&[0xff, 0x54, 0x43, 0x47, 0x80, 0x17]).is_err());
+        assert!(parse_attest(&[]).is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! Evidence verification cost (DESIGN.md targets: TPM quote < 1 ms p99,
+//! SNP report with chain < 10 ms p99). Criterion gives the median with its
+//! confidence interval; each bench also prints p50/p99 over individually
+//! timed calls, since Criterion does not report tail latency.
+//!
+//! `cargo bench -p confidential-attestation --bench verify`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use confidential_attestation::evidence::{SnpEvidence, TpmEvidence};
+use confidential_attestation::snp::{SnpTrust, Tcb, verify_report};
+use confidential_attestation::tpm::{parse_certificates, verify_quote};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+fn tail(name: &str, n: usize, mut f: impl FnMut()) {
+    let mut samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    samples.sort_unstable();
+    let p = |q: f64| samples[((n as f64 * q) as usize).min(n - 1)];
+    eprintln!(
+        "{name}: n={n} p50={:?} p99={:?} max={:?}",
+        p(0.50),
+        p(0.99),
+        samples[n - 1]
+    );
+}
+
+fn tpm(c: &mut Criterion) {
+    let ev: TpmEvidence =
+        serde_json::from_str(include_str!("../testdata/tpm/quote.json")).expect("fixture");
+    let cas = parse_certificates(include_str!("../testdata/tpm/ek-ca.pem")).expect("CA");
+    let nonce = [0x11u8; 32];
+    verify_quote(&ev, &nonce, &cas).expect("fixture verifies");
+    tail("tpm_quote_verify", 2000, || {
+        black_box(verify_quote(black_box(&ev), &nonce, &cas).is_ok());
+    });
+    c.bench_function("tpm_quote_verify", |b| {
+        b.iter(|| verify_quote(black_box(&ev), black_box(&nonce), &cas).is_ok())
+    });
+}
+
+fn snp(c: &mut Criterion) {
+    let ev = SnpEvidence {
+        report: hex::decode(include_str!("../testdata/snp/report_milan.hex").trim()).expect("hex"),
+        vcek: include_bytes!("../testdata/snp/vcek_milan.der").to_vec(),
+    };
+    let trust = SnpTrust {
+        ark_pem: include_bytes!("../testdata/snp/ark_milan.pem").to_vec(),
+        ask_pem: include_bytes!("../testdata/snp/ask_milan.pem").to_vec(),
+        minimum_tcb: Tcb::default(),
+    };
+    verify_report(&ev, &trust).expect("sample verifies");
+    tail("snp_report_chain_verify", 300, || {
+        black_box(verify_report(black_box(&ev), &trust).is_ok());
+    });
+    c.bench_function("snp_report_chain_verify", |b| {
+        b.iter(|| verify_report(black_box(&ev), &trust).is_ok())
+    });
+}
+
+criterion_group!(benches, tpm, snp);
+criterion_main!(benches);

@@ -41,6 +41,15 @@ struct Args {
     /// Identity in the leader Lease (default: POD_NAME or hostname).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Requeue interval while a rollout runs, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    busy_requeue_ms: u64,
+    /// Simulated provider: join delay of new machines, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    sim_join_delay_ms: u64,
+    /// Simulated provider: time a deleted pod takes to terminate, milliseconds.
+    #[arg(long, default_value_t = 200)]
+    sim_drain_delay_ms: u64,
 }
 
 #[tokio::main]
@@ -60,7 +69,12 @@ async fn main() -> Result<()> {
     let provider: Arc<dyn Provider> = match args.provider {
         ProviderKind::RecordOnly => Arc::new(RecordOnly),
         ProviderKind::Sim => {
-            let sim = SimProvider::new(client.clone(), SimConfig::default());
+            let config = SimConfig {
+                join_delay: Duration::from_millis(args.sim_join_delay_ms),
+                drain_delay: Duration::from_millis(args.sim_drain_delay_ms),
+                ..SimConfig::default()
+            };
+            let sim = SimProvider::new(client.clone(), config);
             let _kubelets = sim.spawn_kubelets();
             Arc::new(sim)
         }
@@ -93,6 +107,10 @@ async fn main() -> Result<()> {
         identity,
         duration: Duration::from_secs(15),
     });
-    operator::run(client, provider, metrics, Settings::default(), leadership).await;
+    let settings = Settings {
+        busy_requeue: Duration::from_millis(args.busy_requeue_ms),
+        ..Settings::default()
+    };
+    operator::run(client, provider, metrics, settings, leadership).await;
     anyhow::bail!("lost leadership; exiting so a restart competes again")
 }

@@ -189,6 +189,49 @@ pub fn verify_snp(
     Ok(verified)
 }
 
+/// The SEV-SNP issuer (feature `snp-issuer`): asks the AMD secure processor
+/// for a report whose REPORT_DATA carries the aTLS nonce, with the VCEK from
+/// the host's certificate table (or one the caller fetched from AMD's KDS).
+/// It needs `/dev/sev-guest` in an SEV-SNP guest and is not exercised by the
+/// test suite, which has no such hardware.
+#[cfg(feature = "snp-issuer")]
+pub mod issuer {
+    use sev::firmware::guest::Firmware;
+    use sev::firmware::host::CertType;
+
+    use super::report_data_for;
+    use crate::evidence::SnpEvidence;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum SnpIssuerError {
+        #[error("opening /dev/sev-guest: {0}")]
+        Open(#[from] std::io::Error),
+        #[error("SNP_GET_EXT_REPORT: {0}")]
+        Report(String),
+        #[error("the host provides no VCEK and none was given")]
+        NoVcek,
+    }
+
+    /// A report bound to `nonce` (VMPL 0), blocking.
+    pub fn report_blocking(
+        nonce: &[u8; 32],
+        vcek_der: Option<Vec<u8>>,
+    ) -> Result<SnpEvidence, SnpIssuerError> {
+        let mut fw = Firmware::open()?;
+        let (report, certs) = fw
+            .get_ext_report(Some(1), Some(report_data_for(nonce)), Some(0))
+            .map_err(|e| SnpIssuerError::Report(e.to_string()))?;
+        let vcek = certs
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.cert_type == CertType::VCEK)
+            .map(|c| c.data)
+            .or(vcek_der)
+            .ok_or(SnpIssuerError::NoVcek)?;
+        Ok(SnpEvidence { report, vcek })
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

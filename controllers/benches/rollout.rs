@@ -269,7 +269,6 @@ async fn rollout(n: usize, surge: IntOrString, join_ms: u64, drain_ms: u64) -> R
         "wallSeconds": wall, "theoreticalMinimumSeconds": minimum, "ratioToMinimum": wall / minimum,
         "controllerCpuSeconds": cpu_after - cpu_before,
         "controllerPeakRssMiB": peak_rss.max(hwm) as f64 / 1024.0,
-        "machinesCreated": "in controller process",
     });
     eprintln!("{result}");
     drop(cluster);

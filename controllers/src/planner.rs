@@ -187,6 +187,9 @@ pub struct Observed {
     /// A control-plane pool is still rolling: a worker pool starts no new
     /// replacements until it is done.
     pub control_plane_rolling: bool,
+    /// When the first valid attestation of the pool expires (the executor
+    /// wakes up then: re-attestation expiry needs no event).
+    pub earliest_expiry: Option<Seconds>,
 }
 
 /// Why a pool cannot progress.

@@ -274,11 +274,18 @@ pub async fn observe(client: &Client, desired: &Desired) -> Result<Observed, Err
                         s.outdated_count > 0 || !s.donors.is_empty() || !s.invalid.is_empty()
                     })
             });
+    let earliest_expiry = observed_nodes
+        .iter()
+        .filter(|n| n.attested_image.is_some())
+        .filter_map(|n| by_node.get(&n.name))
+        .map(|a| seconds(&a.spec.expires_at))
+        .min();
     Ok(Observed {
         now,
         nodes: observed_nodes,
         pending,
         control_plane_rolling,
+        earliest_expiry,
     })
 }
 
@@ -785,11 +792,16 @@ pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeu
     write_status(&ctx, &nv, &status, &outcomes).await?;
     // Wake up before the earliest attestation of the pool expires.
     let busy = status.progressing || !status.blocked.is_empty();
-    Ok(Requeue::requeue(if busy {
+    let mut after = if busy {
         ctx.settings.busy_requeue
     } else {
         ctx.settings.idle_requeue
-    }))
+    };
+    if let Some(expiry) = observed.earliest_expiry {
+        let until = u64::try_from(expiry - observed.now + 1).unwrap_or(0);
+        after = after.min(Duration::from_secs(until));
+    }
+    Ok(Requeue::requeue(after))
 }
 
 /// Retries failed reconciles after a short delay.

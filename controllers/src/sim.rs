@@ -148,6 +148,7 @@ impl World {
             nodes,
             pending: self.pending.values().cloned().collect(),
             control_plane_rolling: false,
+            earliest_expiry: None,
         }
     }
 

@@ -404,6 +404,7 @@ fn drain_skips_daemonsets_and_refuses_unmanaged_and_emptydir_without_opt_in() {
         nodes: vec![donor, heir],
         pending: vec![],
         control_plane_rolling: false,
+        earliest_expiry: None,
     };
     let actions = plan(&d, &obs);
     let evicted: Vec<&str> = actions

@@ -208,7 +208,7 @@ struct InvariantWatch {
 }
 
 impl InvariantWatch {
-    fn start(env: &Env, min_pods: usize, min_nodes: usize) -> Self {
+    fn start(env: &Env, min_pods: usize, min_nodes: usize, image: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let client = env.client.clone();
         let ns = env.ns.clone();
@@ -230,10 +230,10 @@ impl InvariantWatch {
                     .list(&ListParams::default().labels(&format!("{LABEL_NODE_POOL}={pool}")))
                     .await?;
                 let atts = attestations.list(&ListParams::default()).await?;
-                let attested_v2 = |n: &str| {
+                let attested = |n: &str| {
                     atts.iter().any(|a| {
                         a.spec.node_name == n
-                            && a.spec.image == V2
+                            && a.spec.image == image
                             && a.spec.verdict == Verdict::Trusted
                     })
                 };
@@ -267,7 +267,7 @@ impl InvariantWatch {
                             .get(confidential_api::keys::ANNOTATION_HEIR_OF)
                             == Some(gone)
                             && ready(n)
-                            && attested_v2(&n.name_any())
+                            && attested(&n.name_any())
                     });
                     if !heir {
                         violations.push(format!("{gone} left without a Ready, attested heir"));
@@ -353,7 +353,7 @@ async fn a_pool_of_five_rolls_to_v2_with_surge_two_and_the_pdb_holds() -> Result
     settle_v1(&env, 5).await?;
     assert_eq!(env.sim.machines_created(), 0, "nothing to do at v1");
 
-    let watch = InvariantWatch::start(&env, 5, 5);
+    let watch = InvariantWatch::start(&env, 5, 5, V2);
     set_image(&env, V2).await?;
     let names = wait_rolled(&env, 5, V2).await?;
     let violations = watch.finish().await?;
@@ -512,7 +512,7 @@ async fn the_controller_killed_ten_times_during_a_rollout_resumes_safely() -> Re
     let metrics = Metrics::new();
     let current = Arc::new(Mutex::new(controller(&env, metrics.clone(), "replica-0")));
     settle_v1(&env, 5).await?;
-    let watch = InvariantWatch::start(&env, 5, 5);
+    let watch = InvariantWatch::start(&env, 5, 5, V2);
     set_image(&env, V2).await?;
     // Kill at pseudo-random points (no rand dependency: a fixed LCG).
     let mut seed: u64 = 0x5eed;
@@ -539,5 +539,41 @@ async fn the_controller_killed_ten_times_during_a_rollout_resumes_safely() -> Re
         bail!("{created} machines created for five replacements");
     }
     current.lock().await.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_attestation_expires_is_cordoned_and_replaced() -> Result<()> {
+    let env = setup(3, SimConfig::default()).await?;
+    workload(&env, 3, 2).await?;
+    node_version(&env, 3, RolloutStrategy::default()).await?;
+    let ctl = controller(&env, Metrics::new(), "replica-a");
+    settle_v1(&env, 3).await?;
+    let watch = InvariantWatch::start(&env, 2, 2, V1);
+    // The attestation of one node lapses (its re-attestation failed).
+    let expired = format!("{}-v1-1", env.pool);
+    let past = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+    Api::<NodeAttestation>::all(env.client.clone())
+        .patch(
+            &expired,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "expiresAt": past.to_string() } })),
+        )
+        .await?;
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    // Replaced: the node is gone, three nodes attested for the (unchanged) image.
+    let names = eventually("expired node replaced", WAIT, || async {
+        let list = nodes
+            .list(&ListParams::default().labels(&format!("{LABEL_NODE_POOL}={}", env.pool)))
+            .await?;
+        let names: Vec<String> = list.iter().map(|n| n.name_any()).collect();
+        Ok((names.len() == 3 && !names.contains(&expired)).then_some(names))
+    })
+    .await?;
+    let violations = watch.finish().await?;
+    assert!(violations.is_empty(), "invariants violated: {violations:?}");
+    assert_eq!(env.sim.machines_created(), 1, "exactly one replacement");
+    assert_eq!(names.iter().filter(|n| n.contains("-v1-")).count(), 2);
+    ctl.abort();
     Ok(())
 }

@@ -123,3 +123,83 @@ pub fn verify_evidence(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::TpmEvidence;
+    use crate::measurements::Expected;
+    use crate::tpm::parse_certificates;
+
+    const NONCE: [u8; 32] = [0x11; 32];
+
+    fn fixture() -> (EvidenceEnvelope, TrustPolicy, [u8; 32]) {
+        let ev: TpmEvidence =
+            serde_json::from_str(include_str!("../testdata/tpm/quote.json")).expect("fixture");
+        let pcr4: [u8; 32] = hex::decode(include_str!("../testdata/tpm/image-pcr4.hex").trim())
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes");
+        let policy = TrustPolicy {
+            evidence_kinds: vec!["tpm".into()],
+            ek_cas: parse_certificates(include_str!("../testdata/tpm/ek-ca.pem")).expect("CA"),
+            snp: None,
+        };
+        (EvidenceEnvelope::new(Evidence::Tpm(ev)), policy, pcr4)
+    }
+
+    fn expect(pcr: u8, value: [u8; 32], warn_only: bool) -> Measurements {
+        Measurements::new(BTreeMap::from([(
+            pcr,
+            Expected {
+                expected: value,
+                warn_only,
+            },
+        )]))
+        .expect("valid")
+    }
+
+    #[test]
+    fn matching_measurements_are_trusted() {
+        let (env, policy, pcr4) = fixture();
+        let v = verify_evidence(&env, &NONCE, &policy, &expect(4, pcr4, false)).expect("trusted");
+        assert_eq!(v.kind, "tpm");
+        assert!(v.warnings.is_empty());
+        assert!(v.ak_name.is_some() && v.ek_public.is_some());
+    }
+
+    #[test]
+    fn mismatch_refuses_unless_warn_only() {
+        let (env, policy, _) = fixture();
+        let err = verify_evidence(&env, &NONCE, &policy, &expect(4, [0; 32], false)).unwrap_err();
+        assert_eq!(err.reason(), "pcr-mismatch");
+        let v = verify_evidence(&env, &NONCE, &policy, &expect(4, [0; 32], true)).expect("warn");
+        assert_eq!(v.warnings.len(), 1);
+        // A PCR that was not quoted cannot be checked.
+        let err = verify_evidence(&env, &NONCE, &policy, &expect(9, [0; 32], false)).unwrap_err();
+        assert_eq!(err.reason(), "pcr-missing");
+    }
+
+    #[test]
+    fn policy_gates_kind_version_and_roots() {
+        let (mut env, mut policy, pcr4) = fixture();
+        let m = expect(4, pcr4, false);
+        policy.evidence_kinds = vec!["sev-snp".into()];
+        assert_eq!(
+            verify_evidence(&env, &NONCE, &policy, &m).unwrap_err(),
+            Refusal::KindNotAccepted("tpm")
+        );
+        policy.evidence_kinds = vec!["tpm".into()];
+        let cas = std::mem::take(&mut policy.ek_cas);
+        assert_eq!(
+            verify_evidence(&env, &NONCE, &policy, &m).unwrap_err(),
+            Refusal::NoTrustRoots("tpm")
+        );
+        policy.ek_cas = cas;
+        env.version = 2;
+        assert_eq!(
+            verify_evidence(&env, &NONCE, &policy, &m).unwrap_err(),
+            Refusal::Version(2)
+        );
+    }
+}

@@ -31,3 +31,40 @@ pub const ANNOTATION_TOKEN_NODE_NAME: &str = "confidential.dev/node-name";
 pub const ANNOTATION_PENDING_DONOR: &str = "confidential.dev/donor";
 /// Annotation on a Node: when its drain started (RFC 3339), set with the cordon.
 pub const ANNOTATION_DRAIN_STARTED: &str = "confidential.dev/drain-started";
+
+/// The value of [`LABEL_NODE_IMAGE`] for an image reference. Label values
+/// allow only `[A-Za-z0-9._-]` and 63 characters, so other characters become
+/// `_` and the *last* 63 characters are kept (the tag or digest is the part
+/// that tells images apart), trimmed to start and end alphanumerically.
+/// The webhook, the operator and the node's kubelet must all use this one
+/// mapping, or the webhook would see an identity-label mismatch.
+pub fn image_label_value(image: &str) -> String {
+    let mapped: String = image
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let start = mapped.len().saturating_sub(63);
+    mapped[start..]
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_label_value;
+
+    #[test]
+    fn image_label_values_are_valid_and_keep_the_tag() {
+        assert_eq!(image_label_value("registry.example/node:v1.2"), "registry.example_node_v1.2");
+        let long = format!("registry.example/{}/node:v9", "a".repeat(80));
+        let value = image_label_value(&long);
+        assert!(value.len() <= 63 && value.ends_with("node_v9"), "{value}");
+        assert_eq!(image_label_value("/x:"), "x");
+    }
+}

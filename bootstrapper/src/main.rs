@@ -78,6 +78,11 @@ struct Args {
     /// Join attempts over all endpoints before giving up (0: forever).
     #[arg(long, default_value_t = 0)]
     max_attempts: u32,
+    /// File keeping the AK (TPM-wrapped, useless elsewhere) across reboots,
+    /// so the machine keeps its identity for rejoin; a fresh AK per boot
+    /// when unset.
+    #[arg(long, default_value = "/var/lib/confidential/ak.blob")]
+    ak_state: Option<PathBuf>,
     /// After joining, serve `/v1/attest` over aTLS on this address.
     #[arg(long)]
     attest_listen: Option<std::net::SocketAddr>,
@@ -291,9 +296,11 @@ async fn main() -> Result<()> {
         )
         .init();
 
-    let tpm = TpmIssuer::open(&args.tcti)
-        .await
-        .context("opening the TPM")?;
+    let tpm = match &args.ak_state {
+        Some(path) => TpmIssuer::open_persistent(&args.tcti, path).await,
+        None => TpmIssuer::open(&args.tcti).await,
+    }
+    .context("opening the TPM")?;
     let resp = join(&args, &tpm).await?;
     tracing::info!(node = %resp.node_name, cluster_id = %resp.cluster_id, "joined");
 

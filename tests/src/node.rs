@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use crate::swtpm::{Swtpm, SwtpmCa};
-use crate::{client_from_kubeconfig, eventually};
+use crate::{ManagedProcess, client_from_kubeconfig, eventually};
 
 /// PCR the simulated firmware measures the node image into.
 pub const IMAGE_PCR: u32 = 4;
@@ -141,14 +141,10 @@ impl SimulatedNode {
         self.dir.path().join("disk.key")
     }
 
-    /// Runs the real bootstrapper once against `endpoints` (one attempt) and
-    /// waits for it to exit. `extra` is appended to its arguments.
-    pub async fn run_bootstrapper(
-        &self,
-        endpoints: &[String],
-        extra: &[&str],
-    ) -> Result<BootstrapOutcome> {
-        let mut cmd = tokio::process::Command::new(bootstrapper_binary()?);
+    /// The bootstrapper command line for this node: one join attempt, the
+    /// bootstrap kubeconfig for the kubelet stand-in, the disk key to a file.
+    pub fn bootstrapper_command(&self, endpoints: &[String], extra: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new(bootstrapper_binary()?);
         for e in endpoints {
             cmd.arg("--endpoint").arg(e);
         }
@@ -156,8 +152,6 @@ impl SimulatedNode {
             .arg(&self.name)
             .arg("--tcti")
             .arg(self.swtpm.tcti())
-            .arg("--pcrs")
-            .arg(format!("{IMAGE_PCR}"))
             .arg("--disk-uuid")
             .arg(format!(
                 "00000000-0000-4000-8000-{:012x}",
@@ -167,10 +161,26 @@ impl SimulatedNode {
             .arg(self.disk_key_file())
             .arg("--kubelet-bootstrap-kubeconfig")
             .arg(self.bootstrap_kubeconfig())
+            .arg("--ak-state")
+            .arg(self.dir.path().join("ak.blob"))
             .arg("--max-attempts")
-            .arg("1")
-            .args(extra)
-            .kill_on_drop(true);
+            .arg("1");
+        if !extra.contains(&"--pcrs") {
+            cmd.arg("--pcrs").arg(IMAGE_PCR.to_string());
+        }
+        cmd.args(extra);
+        Ok(cmd)
+    }
+
+    /// Runs the real bootstrapper once against `endpoints` and waits for it
+    /// to exit. `extra` is appended to its arguments.
+    pub async fn run_bootstrapper(
+        &self,
+        endpoints: &[String],
+        extra: &[&str],
+    ) -> Result<BootstrapOutcome> {
+        let mut cmd = tokio::process::Command::from(self.bootstrapper_command(endpoints, extra)?);
+        cmd.kill_on_drop(true);
         let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
             .await
             .context("bootstrapper timed out")??;
@@ -184,6 +194,20 @@ impl SimulatedNode {
             success: out.status.success(),
             log,
         })
+    }
+
+    /// Starts the bootstrapper as a long-running process (e.g. with
+    /// `--attest-listen`), stopped by pid when the returned handle drops.
+    pub fn spawn_bootstrapper(
+        &self,
+        endpoints: &[String],
+        extra: &[&str],
+    ) -> Result<ManagedProcess> {
+        ManagedProcess::spawn(
+            "confidential-bootstrapper",
+            self.bootstrapper_command(endpoints, extra)?,
+            &self.dir.path().join("bootstrapper.log"),
+        )
     }
 
     /// The kubelet stand-in: TLS bootstrap with the token (submits the

@@ -585,3 +585,87 @@ async fn measurement_file_with_a_bad_signature_is_refused() -> Result<()> {
     assert_eq!(env.snapshot().await?, before);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_node_attests_over_atls_and_rejoins_with_the_same_disk_key() -> Result<()> {
+    use confidential_attestation::atls::PURPOSE_NODE_ATTEST;
+    use confidential_attestation::protocol::{AttestResponse, PATH_ATTEST};
+    use confidential_attestation::tpm::{parse_certificates, verify_quote};
+
+    let env = Env::start().await?;
+    let name = unique_name("node");
+    let node = env.boot(&name)?;
+    let attest_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let attest_addr = format!("127.0.0.1:{attest_port}");
+    let mut serving = node.spawn_bootstrapper(
+        std::slice::from_ref(&env.addr),
+        &["--pcrs", "4,15", "--attest-listen", &attest_addr],
+    )?;
+    // Server-attests mode: the node answers with evidence bound to *our*
+    // connection.
+    let answer = eventually("the node's /v1/attest", Duration::from_secs(60), || {
+        let attest_addr = attest_addr.clone();
+        let ok = serving.check_running();
+        async move {
+            ok?;
+            let Ok(mut client) =
+                AtlsClient::connect(&attest_addr, atls::client_config(None)?).await
+            else {
+                return Ok(None);
+            };
+            let (status, body) = client.post(PATH_ATTEST, Vec::new()).await?;
+            if !status.is_success() {
+                bail!("attest answered {status}");
+            }
+            let resp: AttestResponse = serde_json::from_slice(&body)?;
+            Ok(Some((resp, client.nonce(PURPOSE_NODE_ATTEST))))
+        }
+    })
+    .await?;
+    let (resp, nonce) = answer;
+    assert_eq!(resp.node_name, name);
+    let Evidence::Tpm(ev) = resp.evidence.evidence else {
+        bail!("expected TPM evidence");
+    };
+    let cas = parse_certificates(&env.ca.issuer_pem()?)?;
+    let verified = verify_quote(&ev, &nonce, &cas)?;
+    assert_eq!(
+        verified.pcrs.get(&IMAGE_PCR),
+        Some(&env.image.expected_pcr())
+    );
+    let cluster_pcr =
+        confidential_attestation::measurements::extend(&[0; 32], &env.master.cluster_id());
+    assert_eq!(
+        verified.pcrs.get(&15),
+        Some(&cluster_pcr),
+        "the node is in this cluster"
+    );
+    // Evidence from that answer does not verify for another connection.
+    assert!(verify_quote(&ev, &[0; 32], &cas).is_err());
+    let att = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
+    assert_eq!(att.spec.ak_fingerprint, verified.ak_fingerprint);
+    serving.stop(Duration::from_secs(5));
+
+    // Reboot: the still-attested machine gets the same disk key back and no
+    // new token.
+    let disk_key = std::fs::read(node.disk_key_file())?;
+    std::fs::remove_file(node.disk_key_file())?;
+    let before = env.snapshot().await?;
+    let out = node
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &["--rejoin"])
+        .await?;
+    assert!(out.success, "{}", out.log);
+    assert_eq!(std::fs::read(node.disk_key_file())?, disk_key);
+    assert_eq!(env.snapshot().await?.0, before.0, "rejoin issues no token");
+
+    // Another machine cannot rejoin under that name.
+    let other = env.boot(&name)?;
+    let out = other
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &["--rejoin"])
+        .await?;
+    assert!(!out.success, "{}", out.log);
+    assert!(out.log.contains("name-taken"), "{}", out.log);
+    Ok(())
+}

@@ -121,6 +121,27 @@ async fn write_quote_fixture() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("quote.json"), serde_json::to_string_pretty(&ev)?)?;
     std::fs::write(dir.join("ek-ca.pem"), ca.issuer_pem()?)?;
-    std::fs::write(dir.join("image-pcr4.hex"), hex::encode(image.expected_pcr()))?;
+    std::fs::write(
+        dir.join("image-pcr4.hex"),
+        hex::encode(image.expected_pcr()),
+    )?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn persisted_ak_survives_a_reboot_and_stays_in_its_tpm() -> Result<()> {
+    let ca = SwtpmCa::new()?;
+    let tpm = Swtpm::start(&ca)?;
+    let other = Swtpm::start(&ca)?;
+    let blob = tpm.dir().join("ak.blob");
+    let first = TpmIssuer::open_persistent(&tpm.tcti(), &blob).await?;
+    let again = TpmIssuer::open_persistent(&tpm.tcti(), &blob).await?;
+    assert_eq!(first.ak_public_bytes()?, again.ak_public_bytes()?);
+    // The wrapped AK does not load into another TPM.
+    assert!(
+        TpmIssuer::open_persistent(&other.tcti(), &blob)
+            .await
+            .is_err()
+    );
     Ok(())
 }

@@ -28,7 +28,7 @@ use tss_esapi::structures::{
     Public, Signature, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
-use tss_esapi::traits::Marshall;
+use tss_esapi::traits::{Marshall, UnMarshall};
 
 use crate::evidence::TpmEvidence;
 use crate::tpm::Challenge;
@@ -111,6 +111,66 @@ impl TpmIssuer {
             ak_private: created.out_private,
             ak_public: created.out_public,
         })
+    }
+
+    /// Loads the AK saved at `path` by an earlier boot, or creates one and
+    /// saves it there. The file holds the AK's public area and its private
+    /// part *wrapped by the EK's storage key*: it is useless outside this TPM,
+    /// so it may live on unencrypted storage. A stable AK is the machine's
+    /// identity across reboots (rejoin, node-name ownership).
+    pub fn open_persistent_blocking(
+        tcti: &str,
+        path: &std::path::Path,
+    ) -> Result<Self, IssuerError> {
+        if let Ok(bytes) = std::fs::read(path) {
+            let split = bytes
+                .get(..2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                .ok_or(IssuerError::Unexpected("AK state file too short"))?;
+            let private = bytes
+                .get(2..2 + split)
+                .ok_or(IssuerError::Unexpected("AK state file truncated"))?;
+            let public = bytes
+                .get(2 + split..)
+                .ok_or(IssuerError::Unexpected("AK state file truncated"))?;
+            let issuer = Self {
+                tcti: tcti.to_owned(),
+                ak_private: Private::try_from(private.to_vec())?,
+                ak_public: Public::unmarshall(public)?,
+            };
+            // Fails when the blobs belong to another TPM.
+            issuer.with_ak(|_, _, _| Ok(()))?;
+            return Ok(issuer);
+        }
+        let issuer = Self::open_blocking(tcti)?;
+        let private = issuer.ak_private.value();
+        let mut out = u16::try_from(private.len())
+            .map_err(|_| IssuerError::Unexpected("AK private part too long"))?
+            .to_be_bytes()
+            .to_vec();
+        out.extend_from_slice(private);
+        out.extend_from_slice(&issuer.ak_public.marshall()?);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| IssuerError::Join(format!("creating AK state dir: {e}")))?;
+        }
+        std::fs::write(path, out)
+            .map_err(|e| IssuerError::Join(format!("writing AK state: {e}")))?;
+        Ok(issuer)
+    }
+
+    /// [`TpmIssuer::open_persistent_blocking`] on the blocking pool.
+    pub async fn open_persistent(
+        tcti: &str,
+        path: &std::path::Path,
+    ) -> Result<Arc<Self>, IssuerError> {
+        let tcti = tcti.to_owned();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Self::open_persistent_blocking(&tcti, &path).map(Arc::new)
+        })
+        .await
+        .map_err(|e| IssuerError::Join(e.to_string()))?
     }
 
     /// [`TpmIssuer::open_blocking`] on the blocking pool.

@@ -179,7 +179,13 @@ pub async fn serve(webhook: Webhook, args: &WebhookArgs) -> Result<Running> {
     .await?;
     let handle = Handle::new();
     let app = router(webhook, args.max_body_bytes);
-    let server = axum_server::bind_rustls(args.listen, tls).handle(handle.clone());
+    // Admission responses are small writes; without TCP_NODELAY, Nagle's
+    // algorithm and delayed ACKs add latency to every review.
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let server = axum_server::bind(args.listen)
+        .acceptor(acceptor)
+        .handle(handle.clone());
     let task = tokio::spawn(async move { server.serve(app.into_make_service()).await });
     let addr = handle
         .listening()

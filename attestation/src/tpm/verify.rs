@@ -5,8 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use p256::ecdsa::signature::Verifier;
-use p256::ecdsa::{Signature, VerifyingKey};
+use p256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -216,9 +215,18 @@ pub fn verify_quote(
     ek_cas: &[Vec<u8>],
 ) -> Result<VerifiedQuote, TpmError> {
     let ak = parse_ak_public(&evidence.ak_public)?;
-    let signature = Signature::from_slice(&evidence.signature).map_err(|_| TpmError::Signature)?;
-    ak.verify(&evidence.attest, &signature)
-        .map_err(|_| TpmError::Signature)?;
+    // ring's P-256 verification is several times faster than the pure-Rust
+    // one; the key was validated on the curve by `parse_ak_public`.
+    if evidence.signature.len() != 64 {
+        return Err(TpmError::Signature);
+    }
+    let point = ak.to_encoded_point(false);
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        point.as_bytes(),
+    )
+    .verify(&evidence.attest, &evidence.signature)
+    .map_err(|_| TpmError::Signature)?;
     let info = parse_attest(&evidence.attest)?;
     if info.extra_data != nonce {
         return Err(TpmError::Nonce);

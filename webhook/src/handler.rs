@@ -96,6 +96,8 @@ impl Webhook {
                 reason: "Forbidden",
             }),
             warnings: decision.warnings,
+            patch_type: None,
+            patch: None,
         };
         let bytes = response.to_review_json();
         self.metrics
@@ -106,6 +108,58 @@ impl Webhook {
             tracing::debug!(kind, reason = decision.reason, "allowed");
         }
         Reply::Review(bytes)
+    }
+
+    /// Answers one request body of the optional mutating endpoint: pins
+    /// tag-only images of Pods and pod templates to the digests the covering
+    /// ImagePolicies map them to. It never refuses (the validating endpoint
+    /// decides); anything it cannot read is admitted unchanged.
+    pub fn mutate(&self, body: &[u8]) -> Reply {
+        let request = match review::parse(body) {
+            Ok(request) => request,
+            Err(ReviewError::Malformed { uid, .. }) => {
+                return Reply::Review(Self::unchanged(uid).to_review_json());
+            }
+            Err(e) => return Reply::BadRequest(e.to_string()),
+        };
+        let (group, kind) = (request.kind.group.as_str(), request.kind.kind.as_str());
+        let sub = request.sub_resource.as_deref().unwrap_or("");
+        let mut response = Self::unchanged(request.uid.clone());
+        if self.stores.is_ready()
+            && matches!(request.operation, Operation::Create | Operation::Update)
+            && sub.is_empty()
+            && workload::is_workload(group, kind)
+            && let Ok(object) = request.object()
+            && let Ok(spec) = workload::pod_spec(kind, object.get())
+        {
+            let patch = workload::pin_patch(
+                kind,
+                request.namespace.as_deref().unwrap_or(""),
+                &spec,
+                &self.stores.image_policies.state(),
+            );
+            if !patch.is_empty() {
+                use base64::Engine;
+                let json = serde_json::Value::Array(patch).to_string();
+                response.warnings.push(format!(
+                    "confidential webhook pinned tag-only images to the digests the ImagePolicy maps: {json}"
+                ));
+                response.patch_type = Some("JSONPatch");
+                response.patch = Some(base64::engine::general_purpose::STANDARD.encode(json));
+            }
+        }
+        Reply::Review(response.to_review_json())
+    }
+
+    fn unchanged(uid: String) -> AdmissionResponse {
+        AdmissionResponse {
+            uid,
+            allowed: true,
+            status: None,
+            warnings: Vec::new(),
+            patch_type: None,
+            patch: None,
+        }
     }
 
     /// Decides one parsed request.
@@ -409,13 +463,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn mutate_returns_a_json_patch_for_known_tags() {
+        let mut policy = ImagePolicy::new("p", Default::default());
+        policy
+            .spec
+            .tag_digests
+            .insert("nginx:latest".into(), format!("sha256:{}", "a".repeat(64)));
+        let (stores, _writers) = Stores::fixed(Snapshot {
+            image_policies: vec![policy],
+            ..Default::default()
+        });
+        let w = Webhook::new(stores, Metrics::new());
+        let Reply::Review(bytes) = w.mutate(&review(pod_request("nginx:latest", "default"))) else {
+            panic!("400");
+        };
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["response"]["allowed"], true);
+        assert_eq!(v["response"]["patchType"], "JSONPatch");
+        use base64::Engine;
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(v["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: Value = serde_json::from_slice(&patch).unwrap();
+        assert_eq!(patch[0]["path"], "/spec/containers/0/image");
+        assert_eq!(
+            patch[0]["value"],
+            format!("nginx:latest@sha256:{}", "a".repeat(64))
+        );
+        // Unknown tags and malformed objects pass unchanged.
+        let Reply::Review(bytes) = w.mutate(&review(pod_request("redis:7", "default"))) else {
+            panic!("400");
+        };
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(v["response"].get("patch").is_none());
+        assert!(matches!(w.mutate(b"x"), Reply::BadRequest(_)));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         /// Arbitrary bytes never panic and always get a reply.
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = webhook().review(&body);
+            let w = webhook();
+            let _ = w.review(&body);
+            let _ = w.mutate(&body);
         }
 
         /// Well-formed envelopes with arbitrary kinds and objects always get

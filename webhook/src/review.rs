@@ -152,6 +152,7 @@ pub struct Status {
 
 /// The answer to one request.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct AdmissionResponse {
     pub uid: String,
     pub allowed: bool,
@@ -159,6 +160,12 @@ pub struct AdmissionResponse {
     pub status: Option<Status>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// `JSONPatch` when `patch` is set (mutating answers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_type: Option<&'static str>,
+    /// Base64 of a JSON Patch (RFC 6902) document.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -234,6 +241,8 @@ mod tests {
                 reason: "Forbidden",
             }),
             warnings: vec![],
+            patch_type: None,
+            patch: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&r.to_review_json()).unwrap();
         assert_eq!(v["apiVersion"], "admission.k8s.io/v1");

@@ -1,5 +1,6 @@
 //! The HTTPS server: axum over rustls (ring provider, installed by the
-//! caller), serving `POST /validate`, `/healthz`, `/readyz` and `/metrics`.
+//! caller), serving `POST /validate`, the optional `POST /mutate` (pins
+//! tag-only images to mapped digests), `/healthz`, `/readyz` and `/metrics`.
 //!
 //! The serving certificate and key are polled and reloaded when their
 //! *contents* change (Secret volumes swap a symlink, which inotify on the file
@@ -82,6 +83,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 pub fn router(webhook: Webhook, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/validate", post(validate))
+        .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -91,6 +93,13 @@ pub fn router(webhook: Webhook, max_body_bytes: usize) -> Router {
 
 async fn validate(State(webhook): State<Webhook>, body: Bytes) -> Response {
     match webhook.review(&body) {
+        Reply::Review(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Reply::BadRequest(message) => (StatusCode::BAD_REQUEST, message).into_response(),
+    }
+}
+
+async fn mutate(State(webhook): State<Webhook>, body: Bytes) -> Response {
+    match webhook.mutate(&body) {
         Reply::Review(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Reply::BadRequest(message) => (StatusCode::BAD_REQUEST, message).into_response(),
     }

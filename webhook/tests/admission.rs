@@ -529,3 +529,59 @@ async fn certificate_rotation_during_a_stream_of_requests_loses_none() -> Result
     assert!(metrics.contains("kind=\"Pod\""), "{metrics}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_endpoint_pins_known_tags_and_validation_admits_them() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let env = Env::start().await?;
+    let ns = namespace_with_policy(&env, PolicyMode::Enforce).await?;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/webhook/pin-tags/mutatingwebhookconfiguration.yaml");
+    let mut config: MutatingWebhookConfiguration =
+        serde_saphyr::from_str(&std::fs::read_to_string(&path)?)?;
+    let url = env.url.replace("/validate", "/mutate");
+    for w in config.webhooks.iter_mut().flatten() {
+        w.client_config.service = None;
+        w.client_config.url = Some(url.clone());
+        w.client_config.ca_bundle = Some(k8s_openapi::ByteString(
+            env.ca.cert.cert_pem.clone().into_bytes(),
+        ));
+    }
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(&PostParams::default(), &config)
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    // Until the API server uses the new configuration the tag is refused.
+    eventually("mutating webhook active", Duration::from_secs(30), || {
+        let deployments = deployments.clone();
+        async move {
+            let dry = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            Ok(deployments
+                .create(&dry, &deployment("probe", "nginx:latest")?)
+                .await
+                .ok()
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    let created = deployments
+        .create(&PostParams::default(), &deployment("web", "nginx:latest")?)
+        .await?;
+    let image = created
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.containers.into_iter().next())
+        .and_then(|c| c.image);
+    assert_eq!(image, Some(format!("nginx:latest@{NGINX_DIGEST}")));
+    // A tag the policy does not map is still refused by the validating webhook.
+    let message = denial(
+        deployments
+            .create(&PostParams::default(), &deployment("other", "nginx:1.27")?)
+            .await,
+    );
+    assert!(message.contains("not pinned by digest"), "{message}");
+    assert_absent(&deployments, "other").await
+}

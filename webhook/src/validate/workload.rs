@@ -122,6 +122,80 @@ pub fn covers(policy: &ImagePolicy, namespace: &str) -> bool {
         && (spec.namespaces.is_empty() || spec.namespaces.iter().any(|n| n == namespace))
 }
 
+/// The digest `policy.tagDigests` maps a tag-only `image` to, matching the
+/// reference as written or normalised (`nginx` = `docker.io/library/nginx:latest`).
+fn known_digest<'a>(policy: &'a ImagePolicy, image: &str, parsed: &ImageRef) -> Option<&'a String> {
+    let spec = &policy.spec;
+    spec.tag_digests
+        .get(image)
+        .or_else(|| spec.tag_digests.get(&parsed.name_with_tag()))
+        .or_else(|| {
+            spec.tag_digests.iter().find_map(|(k, v)| {
+                ImageRef::parse(k)
+                    .ok()
+                    .filter(|r| r.digest.is_none() && r.name_with_tag() == parsed.name_with_tag())
+                    .map(|_| v)
+            })
+        })
+}
+
+/// JSON pointer of the pod spec inside an object of `kind`.
+pub fn pod_spec_pointer(kind: &str) -> &'static str {
+    match kind {
+        "Pod" => "/spec",
+        "PodTemplate" => "/template/spec",
+        "CronJob" => "/spec/jobTemplate/spec/template/spec",
+        _ => "/spec/template/spec",
+    }
+}
+
+/// For the optional mutating endpoint: a JSON Patch that pins every tag-only
+/// image to the digest a covering policy's `tagDigests` maps it to
+/// (`nginx:1.27` -> `nginx:1.27@sha256:...`). The validating endpoint still
+/// decides whether the pinned image is allowed.
+pub fn pin_patch(
+    kind: &str,
+    namespace: &str,
+    spec: &PodSpecImages,
+    policies: &[Arc<ImagePolicy>],
+) -> Vec<serde_json::Value> {
+    let covering: Vec<&ImagePolicy> = policies
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|p| covers(p, namespace))
+        .collect();
+    let mut patch = Vec::new();
+    let lists = [
+        ("containers", &spec.containers),
+        ("initContainers", &spec.init_containers),
+        ("ephemeralContainers", &spec.ephemeral_containers),
+    ];
+    for (list, containers) in lists {
+        for (index, container) in containers.iter().enumerate() {
+            let Some(image) = container.image.as_deref() else {
+                continue;
+            };
+            let Ok(parsed) = ImageRef::parse(image) else {
+                continue;
+            };
+            if parsed.digest.is_some() {
+                continue;
+            }
+            if let Some(digest) = covering
+                .iter()
+                .find_map(|p| known_digest(p, image, &parsed))
+            {
+                patch.push(serde_json::json!({
+                    "op": "replace",
+                    "path": format!("{}/{list}/{index}/image", pod_spec_pointer(kind)),
+                    "value": format!("{image}@{digest}"),
+                }));
+            }
+        }
+    }
+    patch
+}
+
 /// Why one image is not allowed by one policy, or `None` when it is.
 pub fn check_image(policy: &ImagePolicy, image: &str) -> Option<String> {
     let parsed = match ImageRef::parse(image) {
@@ -130,18 +204,7 @@ pub fn check_image(policy: &ImagePolicy, image: &str) -> Option<String> {
     };
     let spec = &policy.spec;
     let Some(digest) = parsed.digest.as_deref() else {
-        let pin = spec
-            .tag_digests
-            .get(image)
-            .or_else(|| spec.tag_digests.get(&parsed.name_with_tag()))
-            .or_else(|| {
-                spec.tag_digests.iter().find_map(|(k, v)| {
-                    ImageRef::parse(k)
-                        .ok()
-                        .filter(|r| r.name_with_tag() == parsed.name_with_tag())
-                        .map(|_| v)
-                })
-            });
+        let pin = known_digest(policy, image, &parsed);
         let base = image
             .rsplit_once(':')
             .filter(|(_, tag)| !tag.contains('/'))
@@ -397,6 +460,45 @@ mod tests {
         assert!(validate("Deployment", "w", "apps", &same, Some(&old), &policies).allowed);
         let changed = spec_of(&["nginx:1.27"]);
         assert!(!validate("Deployment", "w", "apps", &changed, Some(&old), &policies).allowed);
+    }
+
+    #[test]
+    fn pin_patch_pins_known_tags_only() {
+        let mut spec = spec_of(&["nginx:latest", "redis:7", &format!("nginx@{DIGEST}")]);
+        spec.init_containers.push(Container {
+            name: "init".into(),
+            image: Some("docker.io/library/nginx".into()),
+        });
+        let patch = pin_patch(
+            "Deployment",
+            "apps",
+            &spec,
+            &[image_policy(PolicyMode::Enforce)],
+        );
+        assert_eq!(
+            patch,
+            vec![
+                serde_json::json!({"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": format!("nginx:latest@{DIGEST}")}),
+                serde_json::json!({"op": "replace", "path": "/spec/template/spec/initContainers/0/image", "value": format!("docker.io/library/nginx@{DIGEST}")}),
+            ]
+        );
+        // The pinned reference is what the validating rule admits.
+        let pinned = format!("nginx:latest@{DIGEST}");
+        assert!(decide(&[&pinned], PolicyMode::Enforce).allowed);
+        // Not in covered namespaces.
+        assert!(
+            pin_patch(
+                "Pod",
+                "kube-system",
+                &spec,
+                &[image_policy(PolicyMode::Enforce)]
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            pod_spec_pointer("CronJob"),
+            "/spec/jobTemplate/spec/template/spec"
+        );
     }
 
     #[test]

@@ -669,3 +669,53 @@ async fn joined_node_attests_over_atls_and_rejoins_with_the_same_disk_key() -> R
     assert!(out.log.contains("name-taken"), "{}", out.log);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snp_report_with_bad_signature_or_low_tcb_is_refused() -> Result<()> {
+    use confidential_attestation::evidence::SnpEvidence;
+    // AMD-signed Milan sample data (sev crate, Apache-2.0): no SNP hardware here.
+    let sample = || -> Result<SnpEvidence> {
+        Ok(SnpEvidence {
+            report: hex::decode(
+                include_str!("../../attestation/testdata/snp/report_milan.hex").trim(),
+            )?,
+            vcek: include_bytes!("../../attestation/testdata/snp/vcek_milan.der").to_vec(),
+        })
+    };
+    let env = Env::start_with(|spec| {
+        spec["evidenceKinds"] = json!(["Tpm", "SevSnp"]);
+        spec["snp"] = json!({
+            "arkCertificate": include_str!("../../attestation/testdata/snp/ark_milan.pem"),
+            "askCertificate": include_str!("../../attestation/testdata/snp/ask_milan.pem"),
+            "minimumTcb": { "bootloader": 0, "tee": 0, "snp": 255, "microcode": 0 },
+        });
+        // The report is checked before measurements, so the image's PCR
+        // expectations do not matter for these refusals.
+    })
+    .await?;
+    let before = env.snapshot().await?;
+    let post = |evidence: SnpEvidence| {
+        let addr = env.addr.clone();
+        async move {
+            let mut client = AtlsClient::connect(&addr, atls::client_config(None)?).await?;
+            let request = JoinRequest {
+                node_name: unique_name("snp-node"),
+                disk_uuid: "5e1f0000-0000-4000-8000-000000000002".into(),
+                pool: None,
+                evidence: EvidenceEnvelope::new(Evidence::SevSnp(evidence)),
+            };
+            let (status, body) = client
+                .post(PATH_JOIN, serde_json::to_vec(&request)?)
+                .await?;
+            anyhow::Ok((status.as_u16(), body.to_vec()))
+        }
+    };
+    let mut tampered = sample()?;
+    tampered.report[0x90] ^= 1;
+    let (status, body) = post(tampered).await?;
+    assert_refused(status, &body, "snp-signature");
+    let (status, body) = post(sample()?).await?;
+    assert_refused(status, &body, "snp-tcb-too-low");
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}

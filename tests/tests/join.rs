@@ -719,3 +719,25 @@ async fn snp_report_with_bad_signature_or_low_tcb_is_refused() -> Result<()> {
     assert_eq!(env.snapshot().await?, before);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_whose_node_is_gone_can_be_taken_by_a_new_machine() -> Result<()> {
+    let env = Env::start().await?;
+    let name = unique_name("node");
+    let old = env.boot(&name)?;
+    let out = old
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(out.success, "{}", out.log);
+    let first = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
+    // The old machine never registered a Node (or it was deleted): its
+    // replacement may join under the name, and the attestation moves to it.
+    let new = env.boot(&name)?;
+    let out = new
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(out.success, "{}", out.log);
+    let second = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
+    assert_ne!(first.spec.ak_fingerprint, second.spec.ak_fingerprint);
+    Ok(())
+}

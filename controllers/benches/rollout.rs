@@ -12,7 +12,7 @@
 //!
 //! Run: `cargo bench -p confidential-controllers --bench rollout`
 //! (environment: `ROLLOUT_BENCH_SIZES=20,100`, `ROLLOUT_BENCH_JOIN_MS=1000`,
-//! `ROLLOUT_BENCH_DRAIN_MS=500`, `ROLLOUT_BENCH_MEMORY_NODES=1000`,
+//! `ROLLOUT_BENCH_DRAIN_MS=500`, `ROLLOUT_BENCH_SURGES=1,10%`, `ROLLOUT_BENCH_MEMORY_NODES=1000`,
 //! `ROLLOUT_BENCH_OUT=target/rollout-bench.json`).
 
 use std::path::PathBuf;
@@ -387,9 +387,17 @@ async fn main() -> Result<()> {
         |_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/rollout-bench.json"),
         PathBuf::from,
     );
+    let surges: Vec<IntOrString> = std::env::var("ROLLOUT_BENCH_SURGES")
+        .unwrap_or_else(|_| "1,10%".into())
+        .split(',')
+        .map(|s| match s.trim().parse::<i32>() {
+            Ok(n) => IntOrString::Int(n),
+            Err(_) => IntOrString::String(s.trim().to_owned()),
+        })
+        .collect();
     let mut rollouts = Vec::new();
     for &n in &sizes {
-        for surge in [IntOrString::Int(1), IntOrString::String("10%".into())] {
+        for surge in surges.iter().cloned() {
             rollouts.push(rollout(n, surge, join_ms, drain_ms).await?);
         }
     }

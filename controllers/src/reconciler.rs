@@ -19,7 +19,7 @@ use confidential_api::{
     NodeAttestation, NodeVersion, NodeVersionStatus, PendingGoal, PendingNode, PendingNodeSpec,
     PendingNodeStatus, PendingState, Verdict,
 };
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -304,6 +304,8 @@ struct Outcomes {
     refused: Vec<String>,
 }
 
+/// Publishes an Event without waiting for it: Events are best effort and
+/// must not slow the rollout down.
 async fn publish(
     ctx: &Context,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
@@ -323,9 +325,13 @@ async fn publish(
         action: action.to_owned(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, reference).await {
-        tracing::debug!(%err, "publishing event");
-    }
+    let recorder = ctx.recorder.clone();
+    let reference = reference.clone();
+    tokio::spawn(async move {
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            tracing::debug!(%err, "publishing event");
+        }
+    });
 }
 
 fn node_ref(name: &str) -> k8s_openapi::api::core::v1::ObjectReference {
@@ -343,8 +349,7 @@ async fn execute(
     nv: &NodeVersion,
     desired: &Desired,
     action: &Action,
-    outcomes: &mut Outcomes,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let client = &ctx.client;
     let nodes: Api<Node> = Api::all(client.clone());
     let pending: Api<PendingNode> = Api::all(client.clone());
@@ -508,7 +513,7 @@ async fn execute(
                             result: "refused".into(),
                         })
                         .inc();
-                    outcomes.refused.push(format!("{namespace}/{pod}"));
+                    return Ok(Some(format!("{namespace}/{pod}")));
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(err) => return Err(err.into()),
@@ -571,7 +576,25 @@ async fn execute(
         }
         Action::UpdateStatus(_) => {}
     }
-    Ok(())
+    Ok(None)
+}
+
+/// What an action touches: actions on the same object run in plan order,
+/// actions on different objects run concurrently.
+fn action_key(action: &Action) -> String {
+    match action {
+        Action::CreateMachine { name, .. }
+        | Action::MarkFailed { name, .. }
+        | Action::ForgetPending { name }
+        | Action::DeleteMachine { name } => name.clone(),
+        Action::PairHeir { donor, .. } => donor.clone(),
+        Action::CopyLabels { to, .. } => format!("labels/{to}"),
+        Action::Cordon { node, .. }
+        | Action::LeaveControlPlane { node }
+        | Action::DeleteNode { node } => node.clone(),
+        Action::Evict { namespace, pod, .. } => format!("pod/{namespace}/{pod}"),
+        Action::UpdateStatus(_) => "status".into(),
+    }
 }
 
 fn blocked_message(blocked: &[Blocked]) -> (String, String) {
@@ -780,15 +803,39 @@ pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeu
         }
     }
     let actions = planner::plan(&desired, &observed);
-    let mut outcomes = Outcomes::default();
     let mut status = PoolStatus::default();
+    let mut groups: Vec<(String, Vec<Action>)> = Vec::new();
     for action in &actions {
-        tracing::debug!(pool = %desired.pool, ?action, "executing");
         if let Action::UpdateStatus(s) = action {
             status = s.clone();
+            continue;
         }
-        execute(&ctx, &nv, &desired, action, &mut outcomes).await?;
+        let key = action_key(action);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, group)) => group.push(action.clone()),
+            None => groups.push((key, vec![action.clone()])),
+        }
     }
+    let refused: Vec<Vec<String>> = futures::stream::iter(groups)
+        .map(|(_, group)| {
+            let ctx = ctx.clone();
+            let nv = nv.clone();
+            let desired = desired.clone();
+            async move {
+                let mut refused = Vec::new();
+                for action in &group {
+                    tracing::debug!(pool = %desired.pool, ?action, "executing");
+                    refused.extend(execute(&ctx, &nv, &desired, action).await?);
+                }
+                Ok::<_, Error>(refused)
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    let outcomes = Outcomes {
+        refused: refused.into_iter().flatten().collect(),
+    };
     write_status(&ctx, &nv, &status, &outcomes).await?;
     // Wake up before the earliest attestation of the pool expires.
     let busy = status.progressing || !status.blocked.is_empty();

@@ -184,3 +184,34 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<Vec<String>> {
     }
     Ok(names)
 }
+
+/// Path of a binary of this workspace (`confidential-webhook`, ...): the
+/// environment variable `env` when set, else the one in the same target
+/// directory as the running executable (`target/<profile>/` or its `deps/`),
+/// built with `cargo build -p <package>` when it is missing.
+pub fn workspace_binary(name: &str, package: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable without a directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps without a parent")?;
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "-p", package])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .with_context(|| format!("building {package}"))?;
+        if !status.success() || !path.exists() {
+            anyhow::bail!(
+                "{name} is not built at {}; run `cargo build -p {package}` or set {env}",
+                path.display()
+            );
+        }
+    }
+    Ok(path)
+}

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestSpec,
@@ -89,30 +89,11 @@ pub struct SimulatedNode {
 /// or the one beside this test binary's target directory (built with
 /// `cargo build -p confidential-bootstrapper` when missing).
 pub fn bootstrapper_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("CONFIDENTIAL_BOOTSTRAPPER_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/confidential-bootstrapper
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary is not in target/<profile>/deps")?;
-    let path = profile_dir.join("confidential-bootstrapper");
-    if !path.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "confidential-bootstrapper"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .context("building confidential-bootstrapper")?;
-        if !status.success() || !path.exists() {
-            bail!(
-                "confidential-bootstrapper is not built at {}",
-                path.display()
-            );
-        }
-    }
-    Ok(path)
+    crate::workspace_binary(
+        "confidential-bootstrapper",
+        "confidential-bootstrapper",
+        "CONFIDENTIAL_BOOTSTRAPPER_BIN",
+    )
 }
 
 impl SimulatedNode {
@@ -219,6 +200,21 @@ impl SimulatedNode {
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<()>>,
     {
+        self.start_kubelet_with(&KubeletOptions::default(), approve)
+            .await
+    }
+
+    /// [`SimulatedNode::start_kubelet`] with the kubelet's `--node-labels` and
+    /// reported version.
+    pub async fn start_kubelet_with<F, Fut>(
+        &self,
+        options: &KubeletOptions,
+        approve: F,
+    ) -> Result<Kubelet>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let bootstrap = client_from_kubeconfig(&self.bootstrap_kubeconfig()).await?;
         let (csr_name, key_pem) = submit_kubelet_csr(&bootstrap, &self.name).await?;
         approve(csr_name.clone()).await?;
@@ -267,7 +263,7 @@ impl SimulatedNode {
             ),
         )?;
         let client = client_from_kubeconfig(&path).await?;
-        register_node(&client, &self.name).await?;
+        register_node(&client, &self.name, options).await?;
         heartbeat_once(&client, &self.name).await?;
         let heartbeat = tokio::spawn(heartbeats(client.clone(), self.name.clone()));
         Ok(Kubelet {
@@ -335,12 +331,32 @@ fn ready_condition(now: &str) -> serde_json::Value {
     })
 }
 
-async fn register_node(client: &Client, name: &str) -> Result<()> {
+/// What the kubelet stand-in registers beyond its name.
+#[derive(Clone, Debug)]
+pub struct KubeletOptions {
+    /// `--node-labels` (the node pool and image labels, for example).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Reported `status.nodeInfo.kubeletVersion`.
+    pub kubelet_version: String,
+}
+
+impl Default for KubeletOptions {
+    fn default() -> Self {
+        Self {
+            labels: Default::default(),
+            kubelet_version: format!("v{}", crate::binaries::KUBERNETES_VERSION),
+        }
+    }
+}
+
+async fn register_node(client: &Client, name: &str, options: &KubeletOptions) -> Result<()> {
     let now = jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
+    let mut labels = options.labels.clone();
+    labels.insert("kubernetes.io/hostname".into(), name.to_owned());
     let node: Node = serde_json::from_value(json!({
-        "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
+        "metadata": { "name": name, "labels": labels },
         "spec": {},
     }))?;
     let nodes: Api<Node> = Api::all(client.clone());
@@ -349,7 +365,16 @@ async fn register_node(client: &Client, name: &str) -> Result<()> {
         .patch_status(
             name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": { "conditions": [ready_condition(&now)] } })),
+            &Patch::Merge(json!({ "status": {
+                "conditions": [ready_condition(&now)],
+                "nodeInfo": {
+                    "machineID": name, "systemUUID": name, "bootID": "simulated",
+                    "kernelVersion": "simulated", "osImage": "simulated confidential node",
+                    "containerRuntimeVersion": "simulated://1",
+                    "kubeletVersion": options.kubelet_version, "kubeProxyVersion": "",
+                    "operatingSystem": "linux", "architecture": "amd64"
+                }
+            } })),
         )
         .await?;
     Ok(())

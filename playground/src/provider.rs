@@ -1,0 +1,170 @@
+//! The simulated cloud of the playground: a machine is a real swtpm whose PCRs
+//! the "firmware" extends with the node image's components, the real
+//! `confidential-bootstrapper` joining through the gate over aTLS, and the
+//! kubelet stand-in doing TLS bootstrap (its CSR approved by the operator's
+//! approver), registering the Node and heartbeating. The node operator drives
+//! it through the same [`Provider`] trait a cloud or Cluster API provider
+//! implements.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL, image_label_value};
+use confidential_controllers::provider::{Machine, MachineRequest, Provider, ProviderError};
+use confidential_testenv::node::{Kubelet, KubeletOptions, NodeImage, SimulatedNode};
+use confidential_testenv::swtpm::SwtpmCa;
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+
+/// A booted machine: its TPM and kubelet live as long as this does.
+struct Running {
+    _node: SimulatedNode,
+    _kubelet: Kubelet,
+}
+
+struct Slot {
+    machine: Machine,
+    boot: JoinHandle<()>,
+    running: Arc<Mutex<Option<Running>>>,
+}
+
+/// Machines backed by swtpm and the real bootstrapper.
+pub struct SwtpmProvider {
+    ca: Arc<SwtpmCa>,
+    join_endpoints: Vec<String>,
+    slots: Mutex<BTreeMap<String, Slot>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SwtpmProvider {
+    pub fn new(ca: Arc<SwtpmCa>, join_endpoints: Vec<String>) -> Self {
+        Self {
+            ca,
+            join_endpoints,
+            slots: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Names of machines whose node booted, joined and runs its kubelet.
+    pub fn running(&self) -> Vec<String> {
+        lock(&self.slots)
+            .iter()
+            .filter(|(_, s)| lock(&s.running).is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// Boots one machine: TPM + firmware measurements, bootstrapper join, kubelet.
+async fn boot(
+    ca: Arc<SwtpmCa>,
+    endpoints: Vec<String>,
+    request: MachineRequest,
+) -> anyhow::Result<Running> {
+    let image = NodeImage::new(&request.image);
+    let name = request.name.clone();
+    let node =
+        tokio::task::spawn_blocking(move || SimulatedNode::boot(&ca, &name, &image)).await??;
+    let outcome = node
+        .run_bootstrapper(&endpoints, &["--pool", &request.pool])
+        .await?;
+    if !outcome.success {
+        anyhow::bail!("bootstrapper of {} failed:\n{}", request.name, outcome.log);
+    }
+    // The kubelet registers with --node-labels for pool and image, as the
+    // attestation fixed them; the operator's CSR approver approves its CSR.
+    let options = KubeletOptions {
+        labels: BTreeMap::from([
+            (LABEL_NODE_POOL.to_owned(), request.pool.clone()),
+            (
+                LABEL_NODE_IMAGE.to_owned(),
+                image_label_value(&request.image),
+            ),
+        ]),
+        kubelet_version: request.kubernetes_version.clone(),
+    };
+    let kubelet = node
+        .start_kubelet_with(&options, |_csr| async { Ok(()) })
+        .await?;
+    Ok(Running {
+        _node: node,
+        _kubelet: kubelet,
+    })
+}
+
+impl Provider for SwtpmProvider {
+    fn create_machine<'a>(
+        &'a self,
+        request: &'a MachineRequest,
+    ) -> BoxFuture<'a, Result<Machine, ProviderError>> {
+        Box::pin(async move {
+            let mut slots = lock(&self.slots);
+            if let Some(slot) = slots.get(&request.name) {
+                return Ok(slot.machine.clone());
+            }
+            let machine = Machine {
+                name: request.name.clone(),
+                pool: request.pool.clone(),
+                image: request.image.clone(),
+                provider_id: format!("swtpm://{}", request.name),
+            };
+            let running = Arc::new(Mutex::new(None));
+            let boot = tokio::spawn({
+                let (ca, endpoints, request, running) = (
+                    self.ca.clone(),
+                    self.join_endpoints.clone(),
+                    request.clone(),
+                    running.clone(),
+                );
+                async move {
+                    match boot(ca, endpoints, request.clone()).await {
+                        Ok(machine) => {
+                            tracing::info!(node = %request.name, image = %request.image, "machine joined");
+                            *lock(&running) = Some(machine);
+                        }
+                        Err(err) => {
+                            tracing::warn!(node = %request.name, error = %format!("{err:#}"), "machine failed to join")
+                        }
+                    }
+                }
+            });
+            slots.insert(
+                request.name.clone(),
+                Slot {
+                    machine: machine.clone(),
+                    boot,
+                    running,
+                },
+            );
+            Ok(machine)
+        })
+    }
+
+    fn delete_machine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            if let Some(slot) = lock(&self.slots).remove(name) {
+                slot.boot.abort();
+                // Dropping the machine stops its kubelet heartbeats and its swtpm.
+                lock(&slot.running).take();
+                tracing::info!(node = %name, "machine deleted");
+            }
+            Ok(())
+        })
+    }
+
+    fn list_machines<'a>(
+        &'a self,
+        pool: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>> {
+        Box::pin(async move {
+            Ok(lock(&self.slots)
+                .values()
+                .filter(|s| s.machine.pool == pool)
+                .map(|s| s.machine.clone())
+                .collect())
+        })
+    }
+}

@@ -1,4 +1,5 @@
-//! Fuzz target: arbitrary bytes as the body of `POST /validate`. The handler
+//! Fuzz target: arbitrary bytes as the body of `POST /validate` and
+//! `POST /mutate`. The handler
 //! must answer every input with a review or a 400 and never panic; when it
 //! answers with a review, the answer must be valid JSON.
 
@@ -31,8 +32,10 @@ fn webhook() -> &'static Webhook {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Reply::Review(bytes) = webhook().review(data) {
-        let parsed = serde_json::from_slice::<serde_json::Value>(&bytes);
-        assert!(parsed.is_ok(), "answer is not JSON");
+    for reply in [webhook().review(data), webhook().mutate(data)] {
+        if let Reply::Review(bytes) = reply {
+            let parsed = serde_json::from_slice::<serde_json::Value>(&bytes);
+            assert!(parsed.is_ok(), "answer is not JSON");
+        }
     }
 });

@@ -190,6 +190,19 @@ async fn handle(
         &Patch::Merge(patch),
     )
     .await?;
+    // A join token buys exactly one kubelet certificate: once it did, delete
+    // it so it cannot authenticate again (the gate only sets an expiry).
+    if let (Requester::Bootstrap { token_id, .. }, "Approved") = (&who, type_) {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
+        match secrets
+            .delete(&format!("bootstrap-token-{token_id}"), &Default::default())
+            .await
+        {
+            Ok(_) => tracing::info!(%token_id, "bootstrap token used up and deleted"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err),
+        }
+    }
     Ok(())
 }
 

@@ -160,18 +160,59 @@ async fn kubelet_csrs_are_approved_only_for_the_node_attested_for_the_token() ->
         Metrics::new(),
     ));
 
-    submit(&issued, "good", "attested-node").await?;
+    // A CSR for another name with the issued token is denied; the token
+    // stays valid for its own node.
     submit(&issued, "stolen-name", "someone-else").await?;
     submit(&foreign, "unissued-token", "attested-node").await?;
     submit(&untrusted, "untrusted", "untrusted-node").await?;
-
-    let (kind, message) = decision(&admin, "good", true).await?;
-    assert_eq!(kind, "Approved", "{message}");
     let (kind, message) = decision(&admin, "stolen-name", false).await?;
     assert_eq!(kind, "Denied");
     assert!(
         message.contains("issued to attested-node, not someone-else"),
         "{message}"
+    );
+
+    submit(&issued, "good", "attested-node").await?;
+    let (kind, message) = decision(&admin, "good", true).await?;
+    assert_eq!(kind, "Approved", "{message}");
+    // The token bought its one certificate: it is deleted and no longer
+    // authenticates.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), "kube-system");
+    eventually(
+        "the used token to be deleted",
+        Duration::from_secs(30),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                Ok(secrets
+                    .get_opt("bootstrap-token-aaaaaa")
+                    .await?
+                    .is_none()
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    let mut attempt = 0;
+    let reused = eventually(
+        "the used token to stop authenticating",
+        Duration::from_secs(30),
+        || {
+            attempt += 1;
+            let (issued, name) = (issued.clone(), format!("reused-{attempt}"));
+            async move {
+                match submit(&issued, &name, "attested-node").await {
+                    Ok(()) => Ok(None),
+                    Err(err) => Ok(Some(err.to_string())),
+                }
+            }
+        },
+    )
+    .await?;
+    assert!(
+        reused.contains("Unauthorized") || reused.contains("401"),
+        "{reused}"
     );
     let (kind, message) = decision(&admin, "unissued-token", false).await?;
     assert_eq!(kind, "Denied");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 use confidential_api::{EvidenceKind, NodeAttestation, Verdict};
 use confidential_playground::{IMAGE_V1, IMAGE_V2, Options, Playground, upgrade};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
@@ -71,6 +71,15 @@ async fn swtpm_nodes_join_through_the_gate_and_roll_from_v1_to_v2() -> Result<()
         .await?;
     let v1_nodes = attested_nodes(&client, IMAGE_V1).await?;
     assert_eq!(v1_nodes.len(), 2, "{v1_nodes:?}");
+    // Each join token bought one kubelet certificate and was then deleted.
+    let tokens: Vec<String> = Api::<Secret>::namespaced(client.clone(), "kube-system")
+        .list(&ListParams::default())
+        .await?
+        .iter()
+        .map(ResourceExt::name_any)
+        .filter(|n| n.starts_with("bootstrap-token-"))
+        .collect();
+    assert!(tokens.is_empty(), "used join tokens remain: {tokens:?}");
 
     upgrade(&client, IMAGE_V2).await?;
     playground

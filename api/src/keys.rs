@@ -61,7 +61,10 @@ mod tests {
 
     #[test]
     fn image_label_values_are_valid_and_keep_the_tag() {
-        assert_eq!(image_label_value("registry.example/node:v1.2"), "registry.example_node_v1.2");
+        assert_eq!(
+            image_label_value("registry.example/node:v1.2"),
+            "registry.example_node_v1.2"
+        );
         let long = format!("registry.example/{}/node:v9", "a".repeat(80));
         let value = image_label_value(&long);
         assert!(value.len() <= 63 && value.ends_with("node_v9"), "{value}");

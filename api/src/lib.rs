@@ -6,6 +6,7 @@
 //! from these types by `cargo xtask gen-crds`; a test fails when they drift.
 
 pub mod conditions;
+pub mod duration;
 pub mod keys;
 mod resources;
 

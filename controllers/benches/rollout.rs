@@ -20,13 +20,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use confidential_api::keys::image_label_value as image_label;
 use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL};
 use confidential_api::{
     EvidenceKind, NodeAttestation, NodeAttestationSpec, NodeVersion, NodeVersionSpec,
     RolloutStrategy, Verdict,
 };
 use confidential_controllers::provider::MachineRequest;
-use confidential_controllers::sim_provider::{SimConfig, SimProvider, image_label};
+use confidential_controllers::sim_provider::{SimConfig, SimProvider};
 use confidential_testenv::{TestCluster, client_from_kubeconfig, eventually, install_crds};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};

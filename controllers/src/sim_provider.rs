@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL};
+use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL, image_label_value};
 use confidential_api::{EvidenceKind, NodeAttestation, NodeAttestationSpec, Verdict};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -243,7 +243,7 @@ async fn boot(
     let node: Node = serde_json::from_value(json!({
         "metadata": { "name": request.name, "labels": {
             LABEL_NODE_POOL: request.pool,
-            LABEL_NODE_IMAGE: image_label(&request.image),
+            LABEL_NODE_IMAGE: image_label_value(&request.image),
             "kubernetes.io/hostname": request.name,
             "kubernetes.io/os": "linux",
         }},
@@ -302,25 +302,6 @@ async fn boot(
         )
         .await?;
     Ok(())
-}
-
-/// A label value for an image reference (labels allow `[A-Za-z0-9._-]`, 63
-/// characters).
-pub fn image_label(image: &str) -> String {
-    let cleaned: String = image
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let start = cleaned.len().saturating_sub(63);
-    cleaned[start..]
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_owned()
 }
 
 impl Provider for SimProvider {

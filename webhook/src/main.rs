@@ -2,7 +2,7 @@
 //! endpoint, `/metrics` and health probes over TLS (see the library for the
 //! pieces); the attested join endpoint runs beside it in the same process.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use confidential_webhook::server::{self, WebhookArgs};
 
@@ -34,6 +34,19 @@ async fn main() -> Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    tokio::spawn(confidential_webhook::join::run_in_cluster(cli.join));
-    server::run(cli.webhook).await
+    if cli.join.join_listen.is_none() {
+        return server::run(cli.webhook).await;
+    }
+    // Admission and join share one client (and `--kubeconfig`); if either
+    // listener stops, the process exits so its supervisor restarts it.
+    let client = server::client(cli.webhook.kubeconfig.as_deref()).await?;
+    let (_webhook, running) = server::start(client.clone(), &cli.webhook).await?;
+    let join = tokio::spawn(confidential_webhook::join::run(cli.join, client));
+    tokio::select! {
+        served = running.task => served.context("server task")?.context("serving HTTPS"),
+        joined = join => {
+            joined.context("join task")?.context("join listener stopped")?;
+            anyhow::bail!("join listener stopped")
+        }
+    }
 }

@@ -56,7 +56,7 @@ pub struct WebhookArgs {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    crate::validate::policy::parse_go_duration(text)
+    confidential_api::duration::parse_duration(text)
         .ok_or_else(|| format!("{text:?} is not a duration like 10s or 500ms"))
 }
 

@@ -129,24 +129,6 @@ pub async fn run(args: JoinArgs, client: Client) -> anyhow::Result<()> {
     serve(listener, Arc::new(gate)).await
 }
 
-/// [`run`] with the in-cluster (or `KUBECONFIG`) client; logs a failure.
-/// This is what `confidential-webhook` spawns beside the admission server.
-pub async fn run_in_cluster(args: JoinArgs) {
-    if args.join_listen.is_none() {
-        return;
-    }
-    let result = async {
-        let mut config = kube::Config::infer().await?;
-        // A refusal must surface, not be retried for minutes.
-        config.default_retry = false;
-        run(args, Client::try_from(config)?).await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::error!(error = %format!("{e:#}"), "join listener stopped");
-    }
-}
-
 /// Everything the gate needs to answer joins.
 pub struct GateConfig {
     pub client: Client,
@@ -246,27 +228,6 @@ fn kind_name(kind: EvidenceKind) -> &'static str {
         EvidenceKind::Tpm => "tpm",
         EvidenceKind::SevSnp => "sev-snp",
     }
-}
-
-/// Parses a Go-style duration of h/m/s units ("24h", "90m", "1h30m").
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = 0u64;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let n: u64 = number.parse().ok()?;
-        number.clear();
-        total += n * match c {
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return None,
-        };
-    }
-    (number.is_empty() && total > 0).then(|| Duration::from_secs(total))
 }
 
 fn valid_node_name(name: &str) -> bool {
@@ -444,7 +405,8 @@ impl Gate {
         let interval = spec
             .reattestation_interval
             .as_deref()
-            .and_then(parse_duration)
+            .and_then(confidential_api::duration::parse_duration)
+            .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(24 * 3600));
         Ok((verdict, image, pool, interval))
     }
@@ -734,14 +696,6 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) -> anyhow::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5_400)));
-        assert_eq!(parse_duration("10"), None);
-        assert_eq!(parse_duration("5d"), None);
-    }
 
     #[test]
     fn node_names() {

@@ -178,7 +178,7 @@ impl Playground {
             .arg(format!("--join-default-pool={DEFAULT}"));
         let gate = ManagedProcess::spawn("confidential-webhook", gate, &d.join("gate.log"))?;
         register_webhook(&client, webhook_port, &gate_ca.cert.cert_pem).await?;
-        allow_node_bootstrap(&client).await?;
+        confidential_testenv::allow_node_bootstrap(&client).await?;
 
         // Trust: the swtpm EK CA (materialised by setting up one TPM) and a
         // publisher key that signs the measurements of both images.
@@ -308,39 +308,11 @@ impl Playground {
     }
 }
 
-/// Lets bootstrap tokens submit kubelet CSRs (`manifests/base/node-bootstrap.yaml`).
-async fn allow_node_bootstrap(client: &Client) -> Result<()> {
-    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base/node-bootstrap.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let binding: ClusterRoleBinding =
-        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let name = binding
-        .metadata
-        .name
-        .clone()
-        .context("binding without a name")?;
-    Api::<ClusterRoleBinding>::all(client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("confidential-playground").force(),
-            &Patch::Apply(&binding),
-        )
-        .await
-        .context("binding bootstrap tokens to system:node-bootstrapper")?;
-    Ok(())
-}
-
 /// Registers the gate's validating webhook from `manifests/webhook/`, pointed
 /// at the local gate by URL.
 async fn register_webhook(client: &Client, port: u16, ca_pem: &str) -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests/webhook/validatingwebhookconfiguration.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut config: ValidatingWebhookConfiguration =
-        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        confidential_testenv::read_manifest("webhook/validatingwebhookconfiguration.yaml")?;
     for webhook in config.webhooks.iter_mut().flatten() {
         let path = webhook
             .client_config
@@ -352,17 +324,7 @@ async fn register_webhook(client: &Client, port: u16, ca_pem: &str) -> Result<()
         webhook.client_config.url = Some(format!("https://127.0.0.1:{port}{path}"));
         webhook.client_config.ca_bundle = Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec()));
     }
-    let name = config
-        .metadata
-        .name
-        .clone()
-        .context("webhook configuration without a name")?;
-    Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .patch(
-            &name,
-            &PatchParams::apply("confidential-playground").force(),
-            &Patch::Apply(&config),
-        )
+    confidential_testenv::apply_cluster_object(client, &config)
         .await
         .context("registering the webhook")?;
     Ok(())

@@ -215,3 +215,52 @@ pub fn workspace_binary(name: &str, package: &str, env: &str) -> Result<PathBuf>
     }
     Ok(path)
 }
+
+/// Path of a file under `manifests/`.
+pub fn manifest_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests")
+        .join(relative)
+}
+
+/// Reads a one-object manifest under `manifests/` as `K`.
+pub fn read_manifest<K: serde::de::DeserializeOwned>(relative: &str) -> Result<K> {
+    let path = manifest_path(relative);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Server-side applies a cluster-scoped object.
+pub async fn apply_cluster_object<K>(client: &Client, object: &K) -> Result<K>
+where
+    K: kube::Resource<Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    use kube::api::{Api, Patch, PatchParams};
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .context("object without a name")?;
+    Api::<K>::all(client.clone())
+        .patch(
+            &name,
+            &PatchParams::apply("confidential-testenv").force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .with_context(|| format!("applying {name}"))
+}
+
+/// Lets join tokens submit kubelet CSRs, as the install does
+/// (`manifests/base/node-bootstrap.yaml`).
+pub async fn allow_node_bootstrap(client: &Client) -> Result<()> {
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
+        read_manifest("base/node-bootstrap.yaml")?;
+    apply_cluster_object(client, &binding).await.map(drop)
+}

@@ -17,13 +17,9 @@ use confidential_testenv::{
     TestCluster, client_kubeconfig, eventually, install_crds, pki::CertifiedKey, token_kubeconfig,
     unique_name,
 };
-use k8s_openapi::ByteString;
-use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestSpec,
-};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, DynamicObject, EvictParams, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
@@ -279,14 +275,7 @@ async fn bootstrap_token_client_gets_a_kubelet_certificate_signed() -> Result<()
         }
     }))?;
     secrets.create(&PostParams::default(), &secret).await?;
-    let binding: ClusterRoleBinding = serde_json::from_value(json!({
-        "metadata": { "name": unique_name("bootstrappers") },
-        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-bootstrapper" },
-        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:bootstrappers" }]
-    }))?;
-    Api::<ClusterRoleBinding>::all(client.clone())
-        .create(&PostParams::default(), &binding)
-        .await?;
+    confidential_testenv::allow_node_bootstrap(client).await?;
 
     let dir = tempfile::tempdir()?;
     let token_config = dir.path().join("bootstrap.kubeconfig");
@@ -310,32 +299,10 @@ async fn bootstrap_token_client_gets_a_kubelet_certificate_signed() -> Result<()
     assert_eq!(api_error_code(&err), Some(403), "{err}");
 
     // Submit a kubelet client CSR as the kubelet's TLS bootstrap does.
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        format!("system:node:{node_name}"),
-    );
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    let request = params.serialize_request(&key)?.pem()?;
-    let csr_name = unique_name("csr");
-    let csr = CertificateSigningRequest {
-        metadata: kube::api::ObjectMeta {
-            name: Some(csr_name.clone()),
-            ..Default::default()
-        },
-        spec: CertificateSigningRequestSpec {
-            request: ByteString(request.into_bytes()),
-            signer_name: "kubernetes.io/kube-apiserver-client-kubelet".into(),
-            usages: Some(vec!["digital signature".into(), "client auth".into()]),
-            ..Default::default()
-        },
-        status: None,
-    };
+    let (csr_name, key_pem) =
+        confidential_testenv::node::submit_kubelet_csr(&bootstrap, &node_name).await?;
     let created = Api::<CertificateSigningRequest>::all(bootstrap.clone())
-        .create(&PostParams::default(), &csr)
+        .get(&csr_name)
         .await?;
     assert_eq!(
         created.spec.username.as_deref(),
@@ -382,7 +349,7 @@ async fn bootstrap_token_client_gets_a_kubelet_certificate_signed() -> Result<()
     let node_config = dir.path().join("node.kubeconfig");
     let node_key = CertifiedKey {
         cert_pem: pem_text,
-        key_pem: key.serialize_pem(),
+        key_pem,
     };
     std::fs::write(
         &node_config,

@@ -28,7 +28,6 @@ use confidential_webhook::join::{Gate, GateConfig, serve};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use p256::pkcs8::EncodePublicKey;
@@ -66,14 +65,7 @@ impl Env {
         let cluster = TestCluster::start().await?;
         let client = cluster.client.clone();
         install_crds(&client, &crds_dir()).await?;
-        let binding: ClusterRoleBinding = serde_json::from_value(json!({
-            "metadata": { "name": unique_name("bootstrappers") },
-            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-bootstrapper" },
-            "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:bootstrappers" }]
-        }))?;
-        Api::<ClusterRoleBinding>::all(client.clone())
-            .create(&PostParams::default(), &binding)
-            .await?;
+        confidential_testenv::allow_node_bootstrap(&client).await?;
 
         // The local EK CA materialises with the first manufactured TPM.
         let ca = SwtpmCa::new()?;

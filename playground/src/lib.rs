@@ -297,6 +297,10 @@ impl Playground {
                 && s.up_to_date_count == nv.spec.replicas
                 && s.outdated_count == 0
                 && s.observed_generation == nv.metadata.generation
+                && !confidential_api::conditions::is_true(
+                    &s.conditions,
+                    confidential_api::conditions::types::ROLLOUT_PROGRESSING,
+                )
             {
                 return Ok(());
             }
@@ -331,14 +335,23 @@ async fn register_webhook(client: &Client, port: u16, ca_pem: &str) -> Result<()
 }
 
 /// Sets the default pool's image, as `kubectl confidential upgrade` does.
+/// The gate refuses the change while it still sees the previous rollout in
+/// progress (its watch may trail the status by a moment), so that refusal is
+/// retried for a few seconds; any other refusal fails at once.
 pub async fn upgrade(client: &Client, image: &str) -> Result<()> {
-    Api::<NodeVersion>::all(client.clone())
-        .patch(
-            DEFAULT,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "spec": { "image": image } })),
-        )
-        .await
-        .context("updating the default NodeVersion")?;
-    Ok(())
+    let pools: Api<NodeVersion> = Api::all(client.clone());
+    let patch = Patch::Merge(serde_json::json!({ "spec": { "image": image } }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match pools.patch(DEFAULT, &PatchParams::default(), &patch).await {
+            Ok(_) => return Ok(()),
+            Err(err)
+                if err.to_string().contains("in progress")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => return Err(err).context("updating the default NodeVersion"),
+        }
+    }
 }

@@ -62,12 +62,7 @@ impl NodeImage {
 
     /// The PCR value measured boot of this image produces (replay from zero).
     pub fn expected_pcr(&self) -> [u8; 32] {
-        self.components.iter().fold([0u8; 32], |pcr, d| {
-            let mut h = Sha256::new();
-            h.update(pcr);
-            h.update(d);
-            h.finalize().into()
-        })
+        confidential_attestation::measurements::replay(&self.components)
     }
 }
 
@@ -218,25 +213,7 @@ impl SimulatedNode {
         let bootstrap = client_from_kubeconfig(&self.bootstrap_kubeconfig()).await?;
         let (csr_name, key_pem) = submit_kubelet_csr(&bootstrap, &self.name).await?;
         approve(csr_name.clone()).await?;
-        let csrs: Api<CertificateSigningRequest> = Api::all(bootstrap.clone());
-        let cert = eventually(
-            "the kubelet client certificate",
-            Duration::from_secs(60),
-            || {
-                let csrs = csrs.clone();
-                let csr_name = csr_name.clone();
-                async move {
-                    Ok(csrs
-                        .get(&csr_name)
-                        .await?
-                        .status
-                        .and_then(|s| s.certificate)
-                        .map(|c| c.0))
-                }
-            },
-        )
-        .await?;
-        let cert_pem = String::from_utf8(cert)?;
+        let cert_pem = signed_certificate(&bootstrap, &csr_name).await?;
         let kubeconfig_text = std::fs::read_to_string(self.bootstrap_kubeconfig())?;
         let server = kubeconfig_text
             .lines()
@@ -286,6 +263,40 @@ impl Drop for Kubelet {
     fn drop(&mut self) {
         self.heartbeat.abort();
     }
+}
+
+/// Waits until the controller-manager signed the CSR `name`; returns the PEM.
+pub async fn signed_certificate(client: &Client, name: &str) -> Result<String> {
+    let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let cert = eventually(
+        &format!("the certificate of CSR {name}"),
+        Duration::from_secs(60),
+        || {
+            let csrs = csrs.clone();
+            async move {
+                Ok(csrs
+                    .get(name)
+                    .await?
+                    .status
+                    .and_then(|s| s.certificate)
+                    .map(|c| c.0))
+            }
+        },
+    )
+    .await?;
+    Ok(String::from_utf8(cert)?)
+}
+
+/// The subject common name of a PEM certificate.
+pub fn common_name(cert_pem: &str) -> Result<Option<String>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())?;
+    let cert = pem.parse_x509()?;
+    Ok(cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .map(str::to_owned))
 }
 
 /// Submits a kubelet client CSR as kubelet TLS bootstrap does; returns its

@@ -316,32 +316,9 @@ async fn bootstrap_token_client_gets_a_kubelet_certificate_signed() -> Result<()
     }]}});
     csrs.patch_approval(&csr_name, &PatchParams::default(), &Patch::Merge(&approval))
         .await?;
-    let certificate = eventually(
-        "the controller-manager to sign the CSR",
-        Duration::from_secs(30),
-        || {
-            let csrs = csrs.clone();
-            let csr_name = csr_name.clone();
-            async move {
-                Ok(csrs
-                    .get(&csr_name)
-                    .await?
-                    .status
-                    .and_then(|s| s.certificate)
-                    .map(|c| c.0))
-            }
-        },
-    )
-    .await?;
-    let pem_text = String::from_utf8(certificate)?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes())?;
-    let cert = pem.parse_x509()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .map(str::to_owned);
+    // The real controller-manager signs it with the cluster CA.
+    let pem_text = confidential_testenv::node::signed_certificate(client, &csr_name).await?;
+    let cn = confidential_testenv::node::common_name(&pem_text)?;
     assert_eq!(cn, Some(format!("system:node:{node_name}")));
 
     // The signed certificate is a working node identity: the Node authorizer

@@ -284,14 +284,7 @@ async fn trusted_node_joins_and_its_kubelet_gets_a_signed_certificate() -> Resul
     let kubelet = node
         .start_kubelet(|csr| async move { approve(&admin, &csr).await })
         .await?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(kubelet.cert_pem.as_bytes())?;
-    let cert = pem.parse_x509()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .map(str::to_owned);
+    let cn = confidential_testenv::node::common_name(&kubelet.cert_pem)?;
     assert_eq!(cn, Some(format!("system:node:{name}")));
     let n = Api::<Node>::all(env.client()).get(&name).await?;
     let ready = n.status.and_then(|s| s.conditions).unwrap_or_default();

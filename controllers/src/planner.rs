@@ -634,6 +634,32 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Action> {
         }
     }
 
+    // Scale down: more up-to-date nodes than replicas once nothing else is
+    // in flight (a heir whose attestation lapsed, was replaced, and then
+    // recovered leaves one machine too many). Extra nodes leave like surplus
+    // heirs (cordon, drain through evictions, delete) within the budget; a
+    // node already on its way out is picked again, so the choice is stable.
+    let in_flight = !donors.is_empty()
+        || !surplus.is_empty()
+        || !status.pending.is_empty()
+        || !joining.is_empty();
+    let excess = status
+        .up_to_date
+        .len()
+        .saturating_sub(desired.replicas as usize);
+    if !in_flight && excess > 0 {
+        let mut extra: Vec<&NodeObs> = nodes
+            .values()
+            .copied()
+            .filter(|n| !n.deleting && up_to_date(desired, n))
+            .collect();
+        extra.sort_by_key(|n| (!n.cordoned, n.heir_of.is_some(), n.name.clone()));
+        for n in extra.into_iter().take(excess) {
+            status.up_to_date.retain(|u| u != &n.name);
+            surplus.push(n);
+        }
+    }
+
     for x in &surplus {
         drain_or_delete(
             desired,

@@ -78,6 +78,16 @@ fn has_ready_heir(desired: &Desired, obs: &Observed, actions: &[Action], donor: 
             && n.attested_image.as_deref() == Some(desired.image.as_str())
             && !n.attestation_invalid
     };
+    // Scale down: an extra node may leave when the pool keeps `replicas`
+    // Ready nodes attested for the desired image without it.
+    let others = obs
+        .nodes
+        .iter()
+        .filter(|n| n.name != donor && ready(n))
+        .count();
+    if others >= desired.replicas as usize {
+        return true;
+    }
     obs.nodes
         .iter()
         .any(|n| ready(n) && n.heir_of.as_deref() == Some(donor))
@@ -229,10 +239,9 @@ fn drive(
 }
 
 proptest! {
-    // A fixed seed keeps CI deterministic. Random seeds found a liveness bug
-    // that is still open (replicas 5, maxSurge 21%, one attestation expiring
-    // at step 19: an invalid v1 node is never replaced while five v2 nodes
-    // run). Use RngSeed::Random locally to explore further.
+    // A fixed seed keeps CI deterministic; cases random seeds found are
+    // replayed from planner_properties.proptest-regressions. Use
+    // RngSeed::Random locally to explore further.
     #![proptest_config(ProptestConfig {
         cases: 192,
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x00c0_ff1d),

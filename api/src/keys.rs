@@ -27,6 +27,17 @@ pub const FIELD_MANAGER: &str = "kubectl-confidential";
 /// to. The controllers approve a kubelet client CSR submitted with that token
 /// only for this node name.
 pub const ANNOTATION_TOKEN_NODE_NAME: &str = "confidential.dev/node-name";
+/// The group of the bootstrap tokens the join endpoint issues
+/// (`auth-extra-groups` on the token Secret). Deliberately *not* kubeadm's
+/// `system:bootstrappers:kubeadm:default-node-token`: `kubeadm init` binds
+/// that group to automatic approval of node client CSRs, which would let
+/// kube-controller-manager approve a CSR for any node name before our
+/// approver decides. It still starts with `system:bootstrappers:`, which the
+/// API server requires of a bootstrap token's extra groups.
+pub const BOOTSTRAP_TOKEN_GROUP: &str = "system:bootstrappers:confidential:attested-node";
+/// The group kubeadm binds to automatic node-client CSR approval; a cluster
+/// where it is bound that way is reported by `init` and `status`.
+pub const KUBEADM_AUTOAPPROVE_GROUP: &str = "system:bootstrappers:kubeadm:default-node-token";
 /// Annotation on a PendingNode: the donor Node its machine replaces.
 pub const ANNOTATION_PENDING_DONOR: &str = "confidential.dev/donor";
 /// Annotation on a Node: when its drain started (RFC 3339), set with the cordon.

@@ -97,10 +97,58 @@ pub fn ephemeral_identity(
     ))
 }
 
+/// The gate's stable TLS identity: a self-signed certificate over the key
+/// derived from the master secret ([`crate::kdf::MasterSecret::gate_identity_key`]).
+/// Every replica presents the same key, so nodes pin [`GateIdentity::pin`]
+/// (SHA-256 of the SubjectPublicKeyInfo, the format of [`spki_pin`]).
+pub struct GateIdentity {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl GateIdentity {
+    /// The identity derived from `master`.
+    pub fn derive(master: &crate::kdf::MasterSecret) -> Result<Self, AtlsError> {
+        use p256::pkcs8::EncodePrivateKey;
+        let pkcs8 = master
+            .gate_identity_key()
+            .to_pkcs8_der()
+            .map_err(|e| AtlsError::Http(format!("encoding the gate key: {e}")))?;
+        let key_der = PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec());
+        let key = rcgen::KeyPair::try_from(&key_der)?;
+        let cert = rcgen::CertificateParams::new(vec!["gate.confidential.dev".to_owned()])?
+            .self_signed(&key)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            key: key_der,
+        })
+    }
+
+    /// SHA-256 of the identity's SubjectPublicKeyInfo: what nodes pin.
+    pub fn pin(&self) -> [u8; 32] {
+        spki_pin(&self.cert).expect("a certificate rcgen produced parses")
+    }
+
+    /// TLS 1.3 server config presenting this identity.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, AtlsError> {
+        server_config_with(
+            self.cert.clone(),
+            PrivateKeyDer::Pkcs8(self.key.clone_key()),
+        )
+    }
+}
+
 /// Server config with an ephemeral identity, TLS 1.3 only (the exporter
 /// binding relies on TLS 1.3 semantics).
 pub fn server_config() -> Result<Arc<ServerConfig>, AtlsError> {
     let (cert, key) = ephemeral_identity(&[])?;
+    server_config_with(cert, key)
+}
+
+fn server_config_with(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, AtlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -338,6 +386,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_identity_is_stable_per_master_secret() {
+        let master = |salt: &[u8]| {
+            crate::kdf::MasterSecret::new(vec![9; 32], salt.to_vec()).expect("long enough")
+        };
+        let a = GateIdentity::derive(&master(b"one")).expect("derives");
+        let b = GateIdentity::derive(&master(b"one")).expect("derives");
+        let c = GateIdentity::derive(&master(b"two")).expect("derives");
+        assert_eq!(a.pin(), b.pin(), "replicas of one cluster present one key");
+        assert_ne!(a.pin(), c.pin(), "another cluster has another key");
+        a.server_config().expect("usable as a TLS identity");
+    }
 
     fn provider() {
         let _ = rustls::crypto::ring::default_provider().install_default();

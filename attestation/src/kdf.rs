@@ -71,6 +71,24 @@ impl MasterSecret {
     pub fn cluster_id(&self) -> [u8; 32] {
         self.derive32("cluster-id")
     }
+
+    /// The gate's stable identity key (`key-gate-identity`, a P-256 scalar).
+    /// Every gate replica derives the same key, so nodes can pin it
+    /// ([`crate::atls::GateIdentity::pin`]) in their launch configuration.
+    /// A derived value that is not a valid scalar (probability ~2^-128) is
+    /// re-derived with a counter.
+    pub fn gate_identity_key(&self) -> p256::SecretKey {
+        (0u32..)
+            .find_map(|i| {
+                let id = if i == 0 {
+                    "gate-identity".to_owned()
+                } else {
+                    format!("gate-identity-{i}")
+                };
+                p256::SecretKey::from_slice(&self.derive32(&id)).ok()
+            })
+            .expect("a valid P-256 scalar is found within a few tries")
+    }
 }
 
 #[cfg(test)]

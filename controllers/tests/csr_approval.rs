@@ -35,7 +35,7 @@ async fn bootstrap_client(
         "type": "bootstrap.kubernetes.io/token",
         "stringData": { "token-id": token_id, "token-secret": secret_part,
             "usage-bootstrap-authentication": "true",
-            "auth-extra-groups": "system:bootstrappers:kubeadm:default-node-token" }
+            "auth-extra-groups": "system:bootstrappers:confidential:attested-node" }
     });
     if let Some(name) = attested_name {
         secret["metadata"]["annotations"] = json!({ ANNOTATION_TOKEN_NODE_NAME: name });

@@ -271,7 +271,7 @@ async fn bootstrap_token_client_gets_a_kubelet_certificate_signed() -> Result<()
         "stringData": {
             "token-id": token_id, "token-secret": token_secret,
             "usage-bootstrap-authentication": "true",
-            "auth-extra-groups": "system:bootstrappers:kubeadm:default-node-token"
+            "auth-extra-groups": "system:bootstrappers:confidential:attested-node"
         }
     }))?;
     secrets.create(&PostParams::default(), &secret).await?;

@@ -509,7 +509,7 @@ impl Gate {
             ("usage-bootstrap-authentication", "true".to_owned()),
             (
                 "auth-extra-groups",
-                "system:bootstrappers:kubeadm:default-node-token".to_owned(),
+                confidential_api::keys::BOOTSTRAP_TOKEN_GROUP.to_owned(),
             ),
             (
                 "description",
@@ -649,7 +649,9 @@ impl Gate {
 
 /// Serves the join endpoints on `listener` until it fails.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) -> anyhow::Result<()> {
-    let config = atls::server_config()?;
+    // The stable identity every replica derives from the master secret:
+    // nodes pin it (`--gate-pin`), so no one else on their path can answer.
+    let config = atls::GateIdentity::derive(&gate.cfg.master)?.server_config()?;
     let router =
         Router::new()
             .route(

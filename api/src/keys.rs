@@ -66,6 +66,24 @@ pub fn image_label_value(image: &str) -> String {
         .to_owned()
 }
 
+/// Whether `name` is a valid Node name (a DNS-1123 subdomain: lowercase
+/// alphanumerics, `-` and `.`, labels starting and ending alphanumerically,
+/// at most 253 characters). The gate, the CSR approver and the admission
+/// rules must agree on this one definition.
+pub fn is_valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::image_label_value;

@@ -6,11 +6,15 @@
 //! join endpoint records the attested node name on the token Secret
 //! (`kube-system/bootstrap-token-<id>`, annotation
 //! [`ANNOTATION_TOKEN_NODE_NAME`]). A renewal comes from the node itself
-//! (`system:node:<name>`). Either way the requested subject must be
+//! (`system:node:<name>`). Either way the request, read as the API server and
+//! the signer will read it ([`request`]), must ask for exactly
 //! `CN=system:node:<name>, O=system:nodes` for that name, and the node must
 //! hold a valid (trusted, unexpired) NodeAttestation. Other requests of the
-//! kubelet signer are denied with the reason; requests of other signers or
-//! from other users are left alone.
+//! kubelet signer are denied with the reason, as a Denied condition and a
+//! Warning Event on the CSR; requests of other signers or from other users
+//! are left alone.
+
+pub mod request;
 
 use std::sync::Arc;
 
@@ -20,8 +24,9 @@ use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::metrics::{Metrics, Outcome};
@@ -38,22 +43,6 @@ pub enum Decision {
     Ignore,
 }
 
-/// The requested subject of a PEM certificate request: (CN, organizations).
-pub fn requested_subject(pem: &[u8]) -> Option<(String, Vec<String>)> {
-    use x509_parser::prelude::FromDer;
-    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
-    let (_, request) =
-        x509_parser::certification_request::X509CertificationRequest::from_der(&block.contents)
-            .ok()?;
-    let subject = &request.certification_request_info.subject;
-    let cn = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
-    let orgs = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(str::to_owned))
-        .collect();
-    Some((cn, orgs))
-}
-
 /// Who asked, as far as the decision needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Requester {
@@ -67,28 +56,29 @@ pub enum Requester {
     Other,
 }
 
+/// The parts of a CSR the decision reads.
+#[derive(Clone, Copy, Debug)]
+pub struct CsrSpec<'a> {
+    pub signer_name: &'a str,
+    pub usages: &'a [String],
+    /// `spec.request`: the PEM the requester signed.
+    pub request: &'a [u8],
+}
+
 /// Decides on a request. `attested` tells whether a node name holds a valid
 /// NodeAttestation.
 pub fn decide(
-    signer: &str,
+    spec: CsrSpec<'_>,
     requester: &Requester,
-    subject: Option<(String, Vec<String>)>,
     attested: impl Fn(&str) -> bool,
 ) -> Decision {
-    if signer != KUBELET_CLIENT_SIGNER || *requester == Requester::Other {
+    if spec.signer_name != KUBELET_CLIENT_SIGNER || *requester == Requester::Other {
         return Decision::Ignore;
     }
-    let Some((cn, orgs)) = subject else {
-        return Decision::Deny("the certificate request cannot be parsed".into());
+    let name = match request::kubelet_client_node_name(spec.request, spec.usages) {
+        Ok(name) => name,
+        Err(refusal) => return Decision::Deny(refusal.to_string()),
     };
-    let Some(name) = cn.strip_prefix("system:node:") else {
-        return Decision::Deny(format!("subject CN {cn:?} is not system:node:<name>"));
-    };
-    if orgs != ["system:nodes"] {
-        return Decision::Deny(format!(
-            "subject organizations {orgs:?} are not [system:nodes]"
-        ));
-    }
     match requester {
         Requester::Bootstrap {
             token_id,
@@ -97,25 +87,40 @@ pub fn decide(
             None => Decision::Deny(format!(
                 "bootstrap token {token_id} was not issued to an attested node"
             )),
-            Some(attested_name) if attested_name != name => Decision::Deny(format!(
+            Some(attested_name) if *attested_name != name => Decision::Deny(format!(
                 "bootstrap token {token_id} was issued to {attested_name}, not {name}"
             )),
-            Some(_) if !attested(name) => {
+            Some(_) if !attested(&name) => {
                 Decision::Deny(format!("{name} has no valid attestation"))
             }
             Some(_) => Decision::Approve(format!(
                 "{name} is attested and bootstrap token {token_id} was issued to it"
             )),
         },
-        Requester::Node(node) if node != name => Decision::Deny(format!(
+        Requester::Node(node) if *node != name => Decision::Deny(format!(
             "node {node} may not request a certificate for {name}"
         )),
-        Requester::Node(_) if !attested(name) => {
+        Requester::Node(_) if !attested(&name) => {
             Decision::Deny(format!("{name} has no valid attestation"))
         }
         Requester::Node(_) => Decision::Approve(format!("renewal by attested node {name}")),
         Requester::Other => Decision::Ignore,
     }
+}
+
+/// Bounds a message for a condition and an Event note (at most 1 kB): parts
+/// of it come from the requester.
+fn bounded(mut message: String) -> String {
+    const MAX: usize = 1000;
+    if message.len() > MAX {
+        let mut cut = MAX - 3;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
 }
 
 async fn requester(client: &Client, username: &str) -> Result<Requester, kube::Error> {
@@ -137,6 +142,7 @@ async fn requester(client: &Client, username: &str) -> Result<Requester, kube::E
 
 async fn handle(
     client: &Client,
+    recorder: &Recorder,
     metrics: &Metrics,
     csr: &CertificateSigningRequest,
 ) -> Result<(), kube::Error> {
@@ -155,7 +161,6 @@ async fn handle(
     if who == Requester::Other {
         return Ok(());
     }
-    let subject = requested_subject(&csr.spec.request.0);
     let attestations: Api<NodeAttestation> = Api::all(client.clone());
     let now = jiff::Timestamp::now();
     let valid: Vec<String> = attestations
@@ -165,13 +170,16 @@ async fn handle(
         .filter(|a| a.spec.verdict == Verdict::Trusted && a.spec.expires_at.0 > now)
         .map(|a| a.spec.node_name)
         .collect();
-    let decision = decide(&csr.spec.signer_name, &who, subject, |n| {
-        valid.iter().any(|v| v == n)
-    });
+    let spec = CsrSpec {
+        signer_name: &csr.spec.signer_name,
+        usages: csr.spec.usages.as_deref().unwrap_or_default(),
+        request: &csr.spec.request.0,
+    };
+    let decision = decide(spec, &who, |n| valid.iter().any(|v| v == n));
     let (type_, message) = match decision {
         Decision::Ignore => return Ok(()),
-        Decision::Approve(m) => ("Approved", m),
-        Decision::Deny(m) => ("Denied", m),
+        Decision::Approve(m) => ("Approved", bounded(m)),
+        Decision::Deny(m) => ("Denied", bounded(m)),
     };
     metrics
         .csr_decisions
@@ -179,7 +187,8 @@ async fn handle(
             result: type_.to_lowercase(),
         })
         .inc();
-    tracing::info!(csr = %csr.name_any(), decision = type_, %message, "kubelet CSR");
+    let username = csr.spec.username.as_deref().unwrap_or_default();
+    tracing::info!(csr = %csr.name_any(), %username, decision = type_, %message, "kubelet CSR");
     let patch = json!({ "status": { "conditions": [{
         "type": type_, "status": "True", "reason": "ConfidentialAttestation",
         "message": message, "lastUpdateTime": now.to_string() }] } });
@@ -190,6 +199,21 @@ async fn handle(
         &Patch::Merge(patch),
     )
     .await?;
+    let event = Event {
+        type_: if type_ == "Approved" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: format!("KubeletCSR{type_}"),
+        note: Some(bounded(format!("requested by {username}: {message}"))),
+        action: "ReviewKubeletCSR".into(),
+        secondary: None,
+    };
+    // The decision stands without its Event; a failed Event is only logged.
+    if let Err(err) = recorder.publish(&event, &csr.object_ref(&())).await {
+        tracing::warn!(csr = %csr.name_any(), %err, "publishing the CSR decision Event");
+    }
     // A join token buys exactly one kubelet certificate: once it did, delete
     // it so it cannot authenticate again (the gate only sets an expiry).
     if let (Requester::Bootstrap { token_id, .. }, "Approved") = (&who, type_) {
@@ -208,6 +232,13 @@ async fn handle(
 
 /// Watches CSRs and decides on kubelet client requests until the stream ends.
 pub async fn run(client: Client, metrics: Arc<Metrics>) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "confidential-controllers".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -215,7 +246,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>) {
         .boxed();
     while let Some(event) = events.next().await {
         let Ok(csr) = event else { continue };
-        if let Err(err) = handle(&client, &metrics, &csr).await {
+        if let Err(err) = handle(&client, &recorder, &metrics, &csr).await {
             tracing::warn!(csr = %csr.name_any(), %err, "kubelet CSR");
         }
     }
@@ -224,6 +255,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use confidential_testenv::csr::{NameAttribute, RawRequest};
+
+    const USAGES: [&str; 2] = ["digital signature", "client auth"];
 
     fn csr_pem(cn: &str, org: &str) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().expect("key");
@@ -246,64 +280,101 @@ mod tests {
         }
     }
 
-    #[test]
-    fn parses_the_requested_subject() {
-        let pem = csr_pem("system:node:n1", "system:nodes");
-        assert_eq!(
-            requested_subject(&pem),
-            Some(("system:node:n1".into(), vec!["system:nodes".into()]))
-        );
-        assert_eq!(requested_subject(b"not a csr"), None);
+    fn decide_on(signer: &str, who: &Requester, request: &[u8]) -> Decision {
+        let usages: Vec<String> = USAGES.iter().map(|u| (*u).to_owned()).collect();
+        let spec = CsrSpec {
+            signer_name: signer,
+            usages: &usages,
+            request,
+        };
+        decide(spec, who, |n| n == "n1" || n == "victim")
+    }
+
+    fn node_request(n: &str) -> Vec<u8> {
+        csr_pem(&format!("system:node:{n}"), "system:nodes")
     }
 
     #[test]
     fn approves_only_the_name_attested_for_the_token() {
-        let subject =
-            |n: &str| requested_subject(&csr_pem(&format!("system:node:{n}"), "system:nodes"));
-        let attested = |n: &str| n == "n1";
-        let decide = |who: &Requester, s| decide(KUBELET_CLIENT_SIGNER, who, s, attested);
+        let decide =
+            |who: &Requester, request: &[u8]| decide_on(KUBELET_CLIENT_SIGNER, who, request);
         assert!(matches!(
-            decide(&bootstrap(Some("n1")), subject("n1")),
+            decide(&bootstrap(Some("n1")), &node_request("n1")),
             Decision::Approve(_)
         ));
         // A stolen token asking for another node's name.
         assert!(
-            matches!(decide(&bootstrap(Some("n1")), subject("n2")), Decision::Deny(m) if m.contains("issued to n1"))
+            matches!(decide(&bootstrap(Some("n1")), &node_request("n2")), Decision::Deny(m) if m.contains("issued to n1"))
         );
         // A token the join endpoint did not issue.
         assert!(matches!(
-            decide(&bootstrap(None), subject("n1")),
+            decide(&bootstrap(None), &node_request("n1")),
             Decision::Deny(_)
         ));
         // Attested name recorded, but the attestation is gone or expired.
         assert!(
-            matches!(decide(&bootstrap(Some("n2")), subject("n2")), Decision::Deny(m) if m.contains("no valid attestation"))
+            matches!(decide(&bootstrap(Some("n2")), &node_request("n2")), Decision::Deny(m) if m.contains("no valid attestation"))
         );
         // Wrong organization.
-        let wrong_org = requested_subject(&csr_pem("system:node:n1", "system:masters"));
         assert!(matches!(
-            decide(&bootstrap(Some("n1")), wrong_org),
-            Decision::Deny(_)
+            decide(&bootstrap(Some("n1")), &csr_pem("system:node:n1", "system:masters")),
+            Decision::Deny(m) if m.contains("organizations")
         ));
-        // Renewals: only for itself.
+        // Renewals: only for itself, only while attested.
         assert!(matches!(
-            decide(&Requester::Node("n1".into()), subject("n1")),
+            decide(&Requester::Node("n1".into()), &node_request("n1")),
             Decision::Approve(_)
         ));
         assert!(matches!(
-            decide(&Requester::Node("n1".into()), subject("n3")),
-            Decision::Deny(_)
+            decide(&Requester::Node("n1".into()), &node_request("n3")),
+            Decision::Deny(m) if m.contains("may not request a certificate for n3")
+        ));
+        assert!(matches!(
+            decide(&Requester::Node("n3".into()), &node_request("n3")),
+            Decision::Deny(m) if m.contains("no valid attestation")
         ));
         // Not ours.
-        assert_eq!(decide(&Requester::Other, subject("n1")), Decision::Ignore);
         assert_eq!(
-            super::decide(
+            decide(&Requester::Other, &node_request("n1")),
+            Decision::Ignore
+        );
+        assert_eq!(
+            decide_on(
                 "kubernetes.io/kubelet-serving",
                 &bootstrap(Some("n1")),
-                subject("n1"),
-                attested
+                &node_request("n1")
             ),
             Decision::Ignore
+        );
+    }
+
+    #[test]
+    fn a_second_common_name_is_denied_for_tokens_and_renewals() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let two_names = RawRequest::subject(vec![
+            NameAttribute::common_name("system:node:n1"),
+            NameAttribute::organization("system:nodes"),
+            NameAttribute::common_name("system:node:victim"),
+        ])
+        .pem(&key)
+        .expect("request");
+        for who in [bootstrap(Some("n1")), Requester::Node("n1".into())] {
+            let decision = decide_on(KUBELET_CLIENT_SIGNER, &who, two_names.as_bytes());
+            assert!(
+                matches!(&decision, Decision::Deny(m) if m.contains("2 common names")),
+                "{who:?}: {decision:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn messages_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = bounded("é".repeat(800));
+        assert!(
+            long.len() <= 1000 && long.ends_with("..."),
+            "{}",
+            long.len()
         );
     }
 }

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use crate::metrics::Metrics;
 use crate::review::{self, AdmissionRequest, AdmissionResponse, Operation, ReviewError, Status};
 use crate::state::Stores;
-use crate::validate::{self, Decision, node::NodeMeta, workload};
+use crate::validate::node::{Actor, Attestations, NodeMeta};
+use crate::validate::{self, Decision, workload};
 use crate::verify::TrustCache;
 
 /// What to send back for a request body.
@@ -44,6 +45,7 @@ fn parse<T: DeserializeOwned>(
 fn kind_label(group: &str, kind: &str) -> &'static str {
     match (group, kind) {
         ("", "Node") => "Node",
+        ("coordination.k8s.io", "Lease") => "Lease",
         ("", "Pod") => "Pod",
         ("", "ReplicationController") => "ReplicationController",
         ("", "PodTemplate") => "PodTemplate",
@@ -178,6 +180,11 @@ impl Webhook {
         }
     }
 
+    /// Who sent the request, as the node rules distinguish users.
+    fn actor(request: &AdmissionRequest<'_>) -> Actor {
+        Actor::of(&request.user_info.username, &request.user_info.groups)
+    }
+
     fn decide_kind(&self, request: &AdmissionRequest<'_>) -> Result<Decision, Decision> {
         let (group, kind) = (request.kind.group.as_str(), request.kind.kind.as_str());
         let sub = request.sub_resource.as_deref().unwrap_or("");
@@ -194,13 +201,41 @@ impl Webhook {
                     .old_object()
                     .map(|raw| parse("old Node", raw))
                     .transpose()?;
+                let (attestations, policies) = (
+                    self.stores.attestations.state(),
+                    self.stores.attestation_policies.state(),
+                );
                 Ok(validate::node::validate(
                     &new,
                     old.as_ref(),
-                    &self.stores.attestations.state(),
-                    &self.stores.attestation_policies.state(),
-                    &self.trust,
-                    jiff::Timestamp::now(),
+                    &Self::actor(request),
+                    &Attestations {
+                        attestations: &attestations,
+                        policies: &policies,
+                        trust: &self.trust,
+                        now: jiff::Timestamp::now(),
+                    },
+                ))
+            }
+            ("coordination.k8s.io", "Lease") => {
+                if !sub.is_empty() {
+                    return Ok(Decision::allow("not_applicable"));
+                }
+                let lease: NodeMeta = parse("Lease", object)?;
+                let (attestations, policies) = (
+                    self.stores.attestations.state(),
+                    self.stores.attestation_policies.state(),
+                );
+                Ok(validate::lease::validate(
+                    request.namespace.as_deref().unwrap_or_default(),
+                    lease.metadata.name.as_deref(),
+                    &Self::actor(request),
+                    &Attestations {
+                        attestations: &attestations,
+                        policies: &policies,
+                        trust: &self.trust,
+                        now: jiff::Timestamp::now(),
+                    },
                 ))
             }
             ("confidential.dev", "NodeVersion") => {
@@ -460,6 +495,69 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .contains("no NodeAttestation")
+        );
+    }
+
+    #[test]
+    fn node_and_lease_writes_are_decided_by_who_sends_them() {
+        let w = webhook();
+        let lease = |user: &str, groups: Value| {
+            json!({
+                "uid": "u4",
+                "kind": {"group": "coordination.k8s.io", "version": "v1", "kind": "Lease"},
+                "resource": {"group": "coordination.k8s.io", "version": "v1", "resource": "leases"},
+                "name": "n", "namespace": "kube-node-lease", "operation": "UPDATE",
+                "userInfo": {"username": user, "groups": groups},
+                "object": {"metadata": {"name": "n", "namespace": "kube-node-lease"}},
+                "oldObject": {"metadata": {"name": "n", "namespace": "kube-node-lease"}},
+            })
+        };
+        // The unattested node's kubelet may not renew its Lease.
+        let v = answer(&w, &review(lease("system:node:n", json!(["system:nodes"]))));
+        assert_eq!(v["response"]["allowed"], false);
+        let message = v["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("node n has no NodeAttestation"),
+            "{message}"
+        );
+        let v = answer(&w, &review(lease("system:node:m", json!(["system:nodes"]))));
+        assert!(
+            v["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("node m may not change the Lease of node n")
+        );
+        // Nobody else is held to it.
+        let v = answer(&w, &review(lease("admin", json!(["system:masters"]))));
+        assert_eq!(v["response"]["allowed"], true);
+        // A cordon of the same unattested node by the node-lifecycle
+        // controller passes; the kubelet's status update does not.
+        let node_update = |user: &str, sub: Option<&str>| {
+            json!({
+                "uid": "u5",
+                "kind": {"group": "", "version": "v1", "kind": "Node"},
+                "resource": {"group": "", "version": "v1", "resource": "nodes"},
+                "subResource": sub,
+                "name": "n", "operation": "UPDATE",
+                "userInfo": {"username": user, "groups": ["system:authenticated"]},
+                "object": {"metadata": {"name": "n"}, "spec": {"unschedulable": true}},
+                "oldObject": {"metadata": {"name": "n"}},
+            })
+        };
+        let v = answer(
+            &w,
+            &review(node_update(
+                "system:serviceaccount:kube-system:node-controller",
+                None,
+            )),
+        );
+        assert_eq!(v["response"]["allowed"], true);
+        let v = answer(&w, &review(node_update("system:node:n", Some("status"))));
+        assert_eq!(v["response"]["allowed"], false);
+        let metrics = w.metrics.render();
+        assert!(
+            metrics.contains(r#"kind="Lease",verdict="denied",reason="unattested""#),
+            "{metrics}"
         );
     }
 

@@ -73,6 +73,16 @@ pub enum Operation {
     Connect,
 }
 
+/// The authenticated user who sent the request (`request.userInfo`), as the
+/// API server authenticated it.
+#[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserInfo {
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
 /// An admission request; `object`/`old_object` are raw JSON.
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
@@ -88,6 +98,8 @@ pub struct AdmissionRequest<'a> {
     #[serde(default)]
     pub namespace: Option<String>,
     pub operation: Operation,
+    #[serde(default)]
+    pub user_info: UserInfo,
     #[serde(borrow, default)]
     pub object: Option<&'a RawValue>,
     #[serde(borrow, default)]

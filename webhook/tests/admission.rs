@@ -13,9 +13,13 @@ use confidential_api::{
     AttestationPolicy, EvidenceKind, ImagePolicy, ImagePolicySpec, NodeAttestation,
     NodeAttestationSpec, NodeVersion, NodeVersionSpec, PolicyMode, Verdict,
 };
-use confidential_testenv::{eventually, unique_name};
+use confidential_testenv::node::{heartbeat_once, signed_certificate, submit_kubelet_csr};
+use confidential_testenv::pki::CertifiedKey;
+use confidential_testenv::{client_kubeconfig, eventually, unique_name};
 use confidential_webhook::validate::node::image_label_value;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -184,8 +188,51 @@ async fn attested_node_is_admitted() -> Result<()> {
     assert_absent(&nodes, &other).await
 }
 
+/// A client with a node's own credentials (`system:node:<name>` in
+/// `system:nodes`), its certificate signed by kube-controller-manager.
+async fn node_credentials(env: &Env, name: &str) -> Result<Client> {
+    let (csr, key_pem) = submit_kubelet_csr(&env.client, name).await?;
+    Api::<CertificateSigningRequest>::all(env.client.clone())
+        .patch_approval(
+            &csr,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [{
+                "type": "Approved", "status": "True", "reason": "ApprovedByTest",
+                "message": "the test stands in for the CSR approver"}]}})),
+        )
+        .await?;
+    let cert_pem = signed_certificate(&env.client, &csr).await?;
+    let cp = env
+        .cluster
+        .control_plane
+        .as_ref()
+        .context("a private control plane")?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kubelet.kubeconfig");
+    std::fs::write(
+        &path,
+        client_kubeconfig(
+            &cp.server,
+            &cp.ca_pem,
+            "kubelet",
+            &CertifiedKey { cert_pem, key_pem },
+        ),
+    )?;
+    confidential_testenv::client_from_kubeconfig(&path).await
+}
+
+fn ready_status(node: &Node) -> Option<(String, String)> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_attestation_stops_updates() -> Result<()> {
+async fn expired_node_loses_its_heartbeats_goes_not_ready_and_admins_can_cordon_it() -> Result<()> {
     let env = Env::start().await?;
     let name = unique_name("expiring");
     create_attestation(
@@ -193,10 +240,22 @@ async fn expired_attestation_stops_updates() -> Result<()> {
         &attestation(&name, jiff::SignedDuration::from_hours(1)),
     )
     .await?;
-    let nodes: Api<Node> = Api::all(env.client.clone());
-    nodes
+    // The node registers and heartbeats with its own credentials.
+    let kubelet = node_credentials(&env, &name).await?;
+    let own_nodes: Api<Node> = Api::all(kubelet.clone());
+    own_nodes
         .create(&PostParams::default(), &attested_node(&name))
         .await?;
+    heartbeat_once(&kubelet, &name).await?;
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), "kube-node-lease");
+    assert_eq!(
+        ready_status(&nodes.get(&name).await?)
+            .map(|(s, _)| s)
+            .as_deref(),
+        Some("True")
+    );
+
     // The attestation expires.
     let atts: Api<NodeAttestation> = Api::all(env.client.clone());
     let past = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(5);
@@ -216,28 +275,123 @@ async fn expired_attestation_stops_updates() -> Result<()> {
             .any(|a| a.metadata.resource_version == rv)
     })
     .await?;
-    let patch = Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}}));
-    let message = denial(nodes.patch(&name, &PatchParams::default(), &patch).await);
-    assert!(message.contains("expired"), "{message}");
+
+    // The kubelet's Lease renewal and status update are refused; nothing
+    // of them is stored.
+    let renewed_before = leases.get(&name).await?.spec.and_then(|s| s.renew_time);
+    let refused = heartbeat_once(&kubelet, &name)
+        .await
+        .expect_err("the expired node's heartbeat went through");
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("leases.confidential.dev")
+            && refused.contains("expired")
+            && refused.contains("NotReady"),
+        "{refused}"
+    );
     let status = Patch::Merge(
         json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "ok"}]}}),
     );
     let message = denial(
-        nodes
+        own_nodes
             .patch_status(&name, &PatchParams::default(), &status)
             .await,
     );
     assert!(message.contains("expired"), "{message}");
+    let message = denial(
+        own_nodes
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"team": "kubelet"}}})),
+            )
+            .await,
+    );
+    assert!(message.contains("re-attest"), "{message}");
+    assert_eq!(
+        leases.get(&name).await?.spec.and_then(|s| s.renew_time),
+        renewed_before,
+        "the refused Lease renewal was stored"
+    );
+
+    // An admin cordons and labels it; identity labels stay fixed.
+    nodes
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"unschedulable": true}, "metadata": {"labels": {"team": "a"}}}),
+            ),
+        )
+        .await?;
     let node = nodes.get(&name).await?;
-    assert!(
-        node.labels().get("team").is_none(),
-        "the refused label was stored: {:?}",
-        node.labels()
+    assert_eq!(node.spec.as_ref().and_then(|s| s.unschedulable), Some(true));
+    assert_eq!(node.labels().get("team").map(String::as_str), Some("a"));
+    let message = denial(
+        nodes
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {LABEL_NODE_POOL: "control-plane"}}})),
+            )
+            .await,
     );
     assert!(
-        node.status.and_then(|s| s.conditions).is_none(),
-        "the refused status was stored"
+        message.contains("fixed by the node's attestation"),
+        "{message}"
     );
+
+    // The kubelet keeps trying; kube-controller-manager's node-lifecycle
+    // controller marks the node Unknown and taints it unreachable.
+    let retrying = tokio::spawn({
+        let (kubelet, name) = (kubelet.clone(), name.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if heartbeat_once(&kubelet, &name).await.is_ok() {
+                    return;
+                }
+            }
+        }
+    });
+    let (ready, reason) = eventually(
+        "kube-controller-manager marks the node not Ready",
+        Duration::from_secs(300),
+        || {
+            let nodes = nodes.clone();
+            let name = name.clone();
+            async move { Ok(ready_status(&nodes.get(&name).await?).filter(|(s, _)| s != "True")) }
+        },
+    )
+    .await?;
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("Unknown", "NodeStatusUnknown")
+    );
+    eventually(
+        "kube-controller-manager taints the node unreachable",
+        Duration::from_secs(120),
+        || {
+            let nodes = nodes.clone();
+            let name = name.clone();
+            async move {
+                let node = nodes.get(&name).await?;
+                Ok(node
+                    .spec
+                    .and_then(|s| s.taints)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|t| t.key == "node.kubernetes.io/unreachable")
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert!(
+        !retrying.is_finished(),
+        "a heartbeat of the expired node went through"
+    );
+    retrying.abort();
     Ok(())
 }
 

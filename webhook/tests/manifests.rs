@@ -42,7 +42,7 @@ fn registration_is_fail_closed_and_spares_the_control_plane() {
     let config: ValidatingWebhookConfiguration =
         serde_saphyr::from_str(&read("validatingwebhookconfiguration.yaml")).expect("parses");
     let webhooks = config.webhooks.expect("webhooks");
-    assert_eq!(webhooks.len(), 3);
+    assert_eq!(webhooks.len(), 4);
     for w in &webhooks {
         assert_eq!(w.failure_policy.as_deref(), Some("Fail"), "{}", w.name);
         assert_eq!(w.side_effects, "None", "{}", w.name);
@@ -68,6 +68,7 @@ fn registration_is_fail_closed_and_spares_the_control_plane() {
     for needed in [
         "nodes",
         "nodes/status",
+        "leases",
         "nodeversions",
         "attestationpolicies",
         "imagepolicies",

@@ -3,9 +3,11 @@
 //! plain data and returns a [`Decision`]. Nothing here does I/O, so every rule
 //! is unit-tested directly.
 
+pub mod lease;
 pub mod node;
 pub mod node_version;
 pub mod policy;
+pub mod standing;
 pub mod workload;
 
 #[cfg(test)]

@@ -1,22 +1,79 @@
-//! Nodes: a Node may be created or updated only by a machine that attested.
+//! Nodes: a Node may be created only for a machine that attested, and a
+//! node's own credentials may change it only while its attestation holds.
 //!
-//! Rules, in order: identity labels (node image, node pool) may not change on
-//! update; a NodeAttestation for the node name must exist, be `Trusted` and not
-//! expired; the attested image must still have signed measurements in an
-//! AttestationPolicy and the attested PCR values must match them (`warnOnly`
-//! mismatches become warnings); identity labels present on the Node must equal
-//! what the attestation recorded.
+//! Who sends the write decides which rule applies ([`Actor`]):
+//! - the node itself (user `system:node:<name>`, the kubelet): its Node (and
+//!   `nodes/status`) only while a NodeAttestation for it exists, is `Trusted`
+//!   and unexpired, its image still has signed measurements in an
+//!   AttestationPolicy and the attested PCR values match them (`warnOnly`
+//!   mismatches become warnings), and identity labels equal what the
+//!   attestation recorded. A revoked or expired node therefore cannot post
+//!   status (nor renew its Lease, see [`super::lease`]), and the
+//!   node-lifecycle controller marks it NotReady.
+//! - another node, or a member of `system:nodes` without a node user name:
+//!   refused (the NodeRestriction admission plugin refuses the first too).
+//! - everyone else (kube-controller-manager, the scheduler, admins, our
+//!   operator): may update any Node, so an expired node can still be marked
+//!   NotReady, tainted and cordoned. Only the identity labels (node image,
+//!   node pool) are fixed for everyone.
+//! - creating a Node needs a valid attestation whoever sends it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use confidential_api::keys::{IDENTITY_LABELS, LABEL_NODE_IMAGE, LABEL_NODE_POOL};
-use confidential_api::{AttestationPolicy, NodeAttestation, Verdict};
-use confidential_attestation::measurements::{parse_pcr_index, parse_pcr_value};
 use serde::Deserialize;
 
 use super::Decision;
-use crate::verify::{ImageTrust, TrustCache};
+
+/// The group every node credential carries.
+pub const NODES_GROUP: &str = "system:nodes";
+/// The user-name prefix of node credentials.
+pub const NODE_USER_PREFIX: &str = "system:node:";
+
+/// Who sends a Node or Lease write, as the Node authorizer reads the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A node's own credentials: user `system:node:<name>`. Held to the
+    /// node rules even without the `system:nodes` group (stricter than the
+    /// Node authorizer, never looser).
+    Node(String),
+    /// In group `system:nodes` without a node user name: no node may be
+    /// changed by it.
+    NamelessNode,
+    /// Anyone else: the control plane, admins, our operator.
+    Other,
+}
+
+impl Actor {
+    /// Classifies an authenticated user.
+    pub fn of(username: &str, groups: &[String]) -> Self {
+        match username.strip_prefix(NODE_USER_PREFIX) {
+            Some(node) => Actor::Node(node.to_owned()),
+            None if groups.iter().any(|g| g == NODES_GROUP) => Actor::NamelessNode,
+            None => Actor::Other,
+        }
+    }
+
+    /// The refusal for a node credential acting on `target` that is not its
+    /// own; `None` for the node itself and for non-node users.
+    pub fn refuse_foreign(&self, kind: &str, target: &str) -> Option<Decision> {
+        match self {
+            Actor::Node(own) if own != target => Some(Decision::deny(
+                "other_node",
+                format!(
+                    "node {own} may not change the {kind} of node {target}; a node's credentials act only on its own objects"
+                ),
+            )),
+            Actor::NamelessNode => Some(Decision::deny(
+                "other_node",
+                format!(
+                    "a member of group {NODES_GROUP} whose user name is not {NODE_USER_PREFIX}<node> may not change the {kind} of node {target}"
+                ),
+            )),
+            _ => None,
+        }
+    }
+}
 
 /// The parts of a Node the decision reads.
 #[derive(Deserialize, Debug, Default, Clone)]
@@ -48,34 +105,29 @@ impl NodeMeta {
 /// or `:`); one mapping shared with the operator and the nodes.
 pub use confidential_api::keys::image_label_value;
 
-/// The latest attestation (by `attestedAt`) recorded for `node_name`.
-pub fn latest_attestation<'a>(
-    node_name: &str,
-    attestations: &'a [Arc<NodeAttestation>],
-) -> Option<&'a NodeAttestation> {
-    attestations
-        .iter()
-        .filter(|a| a.spec.node_name == node_name)
-        .max_by_key(|a| a.spec.attested_at.0)
-        .map(AsRef::as_ref)
-}
+pub use super::standing::{Attestations, Standing, latest_attestation};
 
-/// Decides a CREATE or UPDATE of a Node (or of its status).
+/// Decides a CREATE (`old` is `None`) or UPDATE of a Node (or of its
+/// status) sent by `actor`.
 pub fn validate(
     new: &NodeMeta,
     old: Option<&NodeMeta>,
-    attestations: &[Arc<NodeAttestation>],
-    policies: &[Arc<AttestationPolicy>],
-    trust: &TrustCache,
-    now: jiff::Timestamp,
+    actor: &Actor,
+    state: &Attestations<'_>,
 ) -> Decision {
     let Some(name) = new.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
         return Decision::deny("invalid", "Node without metadata.name");
     };
+    if let Some(refusal) = actor.refuse_foreign("Node", name) {
+        return refusal;
+    }
+    let own = matches!(actor, Actor::Node(_));
     if let Some(old) = old {
         for key in IDENTITY_LABELS {
             let (before, after) = (old.label(key), new.label(key));
-            if before.is_some() && before != after {
+            // The node may add an identity label (checked against its
+            // attestation below); nobody may change or remove one.
+            if before != after && !(own && before.is_none()) {
                 return Decision::deny(
                     "identity_changed",
                     format!(
@@ -86,83 +138,18 @@ pub fn validate(
                 );
             }
         }
+        if !own {
+            return Decision::allow("not_node_credentials");
+        }
     }
-    let Some(att) = latest_attestation(name, attestations) else {
-        return Decision::deny(
-            "unattested",
-            format!(
-                "node {name} has no NodeAttestation: the machine has not proved by remote attestation that it booted a measured image"
-            ),
-        );
+    let Standing {
+        attestation: att,
+        warnings,
+    } = match state.standing(name) {
+        Ok(standing) => standing,
+        Err(refusal) => return refusal,
     };
-    if att.spec.verdict != Verdict::Trusted {
-        return Decision::deny(
-            "untrusted",
-            format!(
-                "node {name}: its attestation verdict is {:?}",
-                att.spec.verdict
-            ),
-        );
-    }
-    if att.spec.expires_at.0 <= now {
-        return Decision::deny(
-            "expired",
-            format!(
-                "node {name}: its attestation expired at {}; the node must re-attest",
-                att.spec.expires_at.0
-            ),
-        );
-    }
     let image = att.spec.image.as_str();
-    let expected = match trust.image_trust(image, policies) {
-        ImageTrust::Trusted { measurements, .. } => measurements,
-        ImageTrust::NotListed => {
-            return Decision::deny(
-                "image_not_trusted",
-                format!(
-                    "node {name}: its image {image} has no measurements in any AttestationPolicy"
-                ),
-            );
-        }
-        ImageTrust::Untrusted(reasons) => {
-            return Decision::deny(
-                "image_not_trusted",
-                format!(
-                    "node {name}: the measurements of its image {image} are not signed by a trusted publisher: {}",
-                    reasons.join("; ")
-                ),
-            );
-        }
-    };
-    let mut measured = BTreeMap::new();
-    for (index, value) in &att.spec.measurements {
-        let parsed = parse_pcr_index(index).and_then(|pcr| Ok((pcr, parse_pcr_value(pcr, value)?)));
-        match parsed {
-            Ok((pcr, value)) => {
-                measured.insert(pcr, value);
-            }
-            Err(e) => {
-                return Decision::deny(
-                    "measurement_mismatch",
-                    format!("node {name}: its attestation records an invalid measurement: {e}"),
-                );
-            }
-        }
-    }
-    let warnings = match expected.compare(&measured) {
-        Ok(warnings) => warnings
-            .into_iter()
-            .map(|w| format!("node {name}: {w}"))
-            .collect(),
-        Err(e) => {
-            return Decision::deny(
-                "measurement_mismatch",
-                format!(
-                    "node {name}: attested measurements do not match the policy for {image}: {e}"
-                ),
-            );
-        }
-    };
     if let Some(label) = new.label(LABEL_NODE_IMAGE)
         && label != image
         && label != image_label_value(image)
@@ -192,8 +179,10 @@ pub fn validate(
 mod tests {
     use super::*;
     use crate::validate::fixtures::*;
-    use confidential_api::NodeAttestationSpec;
+    use crate::verify::TrustCache;
+    use confidential_api::{AttestationPolicy, NodeAttestation, NodeAttestationSpec, Verdict};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::sync::Arc;
 
     fn node(name: &str, labels: &[(&str, &str)]) -> NodeMeta {
         NodeMeta {
@@ -213,15 +202,26 @@ mod tests {
         vec![policy(vec![signed_entry(IMAGE, &signing_key(1))])]
     }
 
+    fn decide_as(
+        actor: &Actor,
+        new: &NodeMeta,
+        old: Option<&NodeMeta>,
+        atts: &[Arc<NodeAttestation>],
+    ) -> Decision {
+        let policies = trusted_policy();
+        let trust = TrustCache::default();
+        let state = Attestations {
+            attestations: atts,
+            policies: &policies,
+            trust: &trust,
+            now: now(),
+        };
+        validate(new, old, actor, &state)
+    }
+
+    /// Decided for the node's own credentials (the kubelet of `n1`).
     fn decide(new: &NodeMeta, old: Option<&NodeMeta>, atts: &[Arc<NodeAttestation>]) -> Decision {
-        validate(
-            new,
-            old,
-            atts,
-            &trusted_policy(),
-            &TrustCache::default(),
-            now(),
-        )
+        decide_as(&Actor::Node("n1".into()), new, old, atts)
     }
 
     fn with_spec(f: impl FnOnce(&mut NodeAttestationSpec)) -> Vec<Arc<NodeAttestation>> {
@@ -281,14 +281,14 @@ mod tests {
         assert_eq!(d.reason, "image_not_trusted");
         // Signed by a key that is not the publisher's.
         let policies = vec![policy(vec![signed_entry(IMAGE, &signing_key(2))])];
-        let d = validate(
-            &node("n1", &[]),
-            None,
-            &[attestation("n1", 60)],
-            &policies,
-            &TrustCache::default(),
-            now(),
-        );
+        let trust = TrustCache::default();
+        let state = Attestations {
+            attestations: &[attestation("n1", 60)],
+            policies: &policies,
+            trust: &trust,
+            now: now(),
+        };
+        let d = validate(&node("n1", &[]), None, &Actor::Node("n1".into()), &state);
         assert_eq!(d.reason, "image_not_trusted");
         assert!(d.message.contains("signature"), "{}", d.message);
     }
@@ -319,14 +319,14 @@ mod tests {
         let attestations = with_spec(|s| s.image = long.clone());
         let policies = vec![policy(vec![signed_entry(&long, &signing_key(1))])];
         let n = node("n1", &[(LABEL_NODE_IMAGE, &image_label_value(&long))]);
-        let d = validate(
-            &n,
-            None,
-            &attestations,
-            &policies,
-            &TrustCache::default(),
-            now(),
-        );
+        let trust = TrustCache::default();
+        let state = Attestations {
+            attestations: &attestations,
+            policies: &policies,
+            trust: &trust,
+            now: now(),
+        };
+        let d = validate(&n, None, &Actor::Node("n1".into()), &state);
         assert!(d.allowed, "{}", d.message);
         assert!(image_label_value(&long).ends_with("node-image_v1.2.0"));
     }
@@ -366,5 +366,128 @@ mod tests {
     fn node_without_name_is_refused() {
         let d = decide(&NodeMeta::default(), None, &[]);
         assert_eq!(d.reason, "invalid");
+    }
+
+    fn user(name: &str, groups: &[&str]) -> Actor {
+        let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        Actor::of(name, &groups)
+    }
+
+    #[test]
+    fn users_are_classified_as_the_node_authorizer_reads_them() {
+        assert_eq!(
+            user("system:node:n1", &["system:nodes", "system:authenticated"]),
+            Actor::Node("n1".into())
+        );
+        // Named like a node without the group: still held to the node rule.
+        assert_eq!(user("system:node:n1", &[]), Actor::Node("n1".into()));
+        assert_eq!(user("mallory", &["system:nodes"]), Actor::NamelessNode);
+        for other in [
+            "system:serviceaccount:kube-system:node-controller",
+            "system:kube-scheduler",
+            "system:serviceaccount:confidential-system:confidential-controllers",
+            "admin",
+            "system:nodes",
+        ] {
+            assert_eq!(user(other, &["system:masters"]), Actor::Other, "{other}");
+        }
+    }
+
+    /// Every user against every attestation state, on create and update.
+    #[test]
+    fn each_user_and_attestation_state() {
+        let valid = vec![attestation("n1", 3600)];
+        let expired = vec![attestation("n1", -1)];
+        let untrusted = with_spec(|s| s.verdict = Verdict::Untrusted);
+        let missing: Vec<Arc<NodeAttestation>> = vec![attestation("n2", 3600)];
+        let states: [(&str, &[Arc<NodeAttestation>]); 4] = [
+            ("valid", &valid),
+            ("expired", &expired),
+            ("untrusted", &untrusted),
+            ("unattested", &missing),
+        ];
+        let actors = [
+            ("own kubelet", Actor::Node("n1".into())),
+            ("another node", Actor::Node("n2".into())),
+            ("nameless node", Actor::NamelessNode),
+            (
+                "node-lifecycle controller",
+                user("system:serviceaccount:kube-system:node-controller", &[]),
+            ),
+            ("admin", user("admin", &["system:masters"])),
+        ];
+        let old = node("n1", &[(LABEL_NODE_POOL, "workers")]);
+        // A cordon plus a label, as an operator or admin sends it.
+        let new = node("n1", &[(LABEL_NODE_POOL, "workers"), ("team", "a")]);
+        for (state, atts) in states {
+            for (who, actor) in &actors {
+                let foreign = matches!(actor, Actor::NamelessNode)
+                    || matches!(actor, Actor::Node(n) if n != "n1");
+                let own = matches!(actor, Actor::Node(n) if n == "n1");
+                for (operation, old) in [("create", None), ("update", Some(&old))] {
+                    let d = decide_as(actor, &new, old, atts);
+                    let expected_reason = if foreign {
+                        "other_node"
+                    } else if operation == "update" && !own {
+                        "not_node_credentials"
+                    } else if state == "valid" {
+                        "attested"
+                    } else {
+                        state
+                    };
+                    assert_eq!(
+                        d.reason, expected_reason,
+                        "{who} {operation} with {state} attestation: {}",
+                        d.message
+                    );
+                    assert_eq!(
+                        d.allowed,
+                        matches!(expected_reason, "attested" | "not_node_credentials"),
+                        "{who} {operation} with {state} attestation"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_of_foreign_node_credentials_name_both_nodes() {
+        let d = decide_as(
+            &Actor::Node("n2".into()),
+            &node("n1", &[]),
+            Some(&node("n1", &[])),
+            &[attestation("n1", 60), attestation("n2", 60)],
+        );
+        assert!(!d.allowed);
+        assert!(
+            d.message
+                .contains("node n2 may not change the Node of node n1"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn nobody_changes_identity_labels_but_the_node_may_add_them() {
+        let atts = [attestation("n1", 3600)];
+        let bare = node("n1", &[]);
+        let pooled = node("n1", &[(LABEL_NODE_POOL, "workers")]);
+        let admin = user("admin", &["system:masters"]);
+        // An admin may neither add, change nor remove one.
+        assert_eq!(
+            decide_as(&admin, &pooled, Some(&bare), &atts).reason,
+            "identity_changed"
+        );
+        assert_eq!(
+            decide_as(&admin, &bare, Some(&pooled), &atts).reason,
+            "identity_changed"
+        );
+        // The node may add one matching its attestation, not another.
+        assert!(decide(&pooled, Some(&bare), &atts).allowed);
+        let wrong = node("n1", &[(LABEL_NODE_POOL, "control-plane")]);
+        assert_eq!(
+            decide(&wrong, Some(&bare), &atts).reason,
+            "identity_mismatch"
+        );
     }
 }

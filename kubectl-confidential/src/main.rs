@@ -8,6 +8,7 @@
 
 mod measurements;
 mod output;
+mod preflight;
 mod status;
 mod upgrade;
 

@@ -46,6 +46,11 @@ pub async fn run(client: &Client, args: &StatusArgs) -> Result<()> {
             .with_context(|| format!("listing PendingNodes; {MISSING_CRDS}"))?
             .items,
     };
+    // Warnings go to stderr, as kubectl prints them, so -o json stays clean.
+    match crate::preflight::kubeadm_autoapprove_bindings(client).await {
+        Ok(warnings) => warnings.iter().for_each(|w| eprintln!("Warning: {w}")),
+        Err(err) => eprintln!("Warning: could not check for CSR auto-approval bindings: {err:#}"),
+    }
     if print_structured(args.output, &status)? {
         return Ok(());
     }

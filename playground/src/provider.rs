@@ -32,6 +32,8 @@ struct Slot {
 pub struct SwtpmProvider {
     ca: Arc<SwtpmCa>,
     join_endpoints: Vec<String>,
+    /// The gate key every machine's launch configuration pins.
+    gate_pin: [u8; 32],
     slots: Mutex<BTreeMap<String, Slot>>,
 }
 
@@ -40,10 +42,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SwtpmProvider {
-    pub fn new(ca: Arc<SwtpmCa>, join_endpoints: Vec<String>) -> Self {
+    pub fn new(ca: Arc<SwtpmCa>, join_endpoints: Vec<String>, gate_pin: [u8; 32]) -> Self {
         Self {
             ca,
             join_endpoints,
+            gate_pin,
             slots: Mutex::new(BTreeMap::new()),
         }
     }
@@ -62,12 +65,14 @@ impl SwtpmProvider {
 async fn boot(
     ca: Arc<SwtpmCa>,
     endpoints: Vec<String>,
+    gate_pin: [u8; 32],
     request: MachineRequest,
 ) -> anyhow::Result<Running> {
     let image = NodeImage::new(&request.image);
     let name = request.name.clone();
     let node =
-        tokio::task::spawn_blocking(move || SimulatedNode::boot(&ca, &name, &image)).await??;
+        tokio::task::spawn_blocking(move || SimulatedNode::boot(&ca, &name, &image, gate_pin))
+            .await??;
     let outcome = node
         .run_bootstrapper(&endpoints, &["--pool", &request.pool])
         .await?;
@@ -119,8 +124,9 @@ impl Provider for SwtpmProvider {
                     request.clone(),
                     running.clone(),
                 );
+                let gate_pin = self.gate_pin;
                 async move {
-                    match boot(ca, endpoints, request.clone()).await {
+                    match boot(ca, endpoints, gate_pin, request.clone()).await {
                         Ok(machine) => {
                             tracing::info!(node = %request.name, image = %request.image, "machine joined");
                             *lock(&running) = Some(machine);

@@ -13,6 +13,7 @@ pub mod controlplane;
 pub mod node;
 pub mod pki;
 mod process;
+pub mod standin;
 pub mod swtpm;
 
 use std::path::{Path, PathBuf};

@@ -170,8 +170,14 @@ impl Env {
         Ok((secrets, atts))
     }
 
+    /// The key pin of this env's gate, as a node's launch configuration
+    /// carries it.
+    fn gate_pin(&self) -> Result<[u8; 32]> {
+        Ok(atls::GateIdentity::derive(&self.master)?.pin())
+    }
+
     fn boot(&self, name: &str) -> Result<SimulatedNode> {
-        SimulatedNode::boot(&self.ca, name, &self.image)
+        SimulatedNode::boot(&self.ca, name, &self.image, self.gate_pin()?)
     }
 }
 
@@ -308,6 +314,7 @@ async fn wrong_pcr_is_refused() -> Result<()> {
         &env.ca,
         &unique_name("node"),
         &NodeImage::new("tampered-image"),
+        env.gate_pin()?,
     )?;
     let out = node
         .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
@@ -348,13 +355,18 @@ async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()>
     let env = Env::start().await?;
     let before = env.snapshot().await?;
     // The MITM terminates the node's aTLS and relays requests verbatim over
-    // its own aTLS connection to the gate.
+    // its own aTLS connection to the gate. A node pinning the real gate
+    // never talks to it (tests/tests/bootstrapper.rs); this node's launch
+    // configuration pins the MITM's key, so the gate's channel binding is
+    // the last defence and must hold on its own.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mitm_addr = listener.local_addr()?.to_string();
     let gate_addr = env.addr.clone();
+    let mitm_identity =
+        atls::GateIdentity::derive(&MasterSecret::new(vec![0x66; 32], b"mitm".to_vec())?)?;
     let mitm = tokio::spawn(atls::serve(
         listener,
-        atls::server_config()?,
+        mitm_identity.server_config()?,
         move |_peer: AtlsPeer| {
             let gate_addr = gate_addr.clone();
             let upstream = Arc::new(tokio::sync::Mutex::new(None::<AtlsClient>));
@@ -393,7 +405,12 @@ async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()>
             })
         },
     ));
-    let node = env.boot(&unique_name("node"))?;
+    let node = SimulatedNode::boot(
+        &env.ca,
+        &unique_name("node"),
+        &env.image,
+        mitm_identity.pin(),
+    )?;
     let out = node.run_bootstrapper(&[mitm_addr], &[]).await?;
     mitm.abort();
     assert!(!out.success, "a relayed join succeeded:\n{}", out.log);
@@ -407,7 +424,7 @@ async fn ek_not_certified_by_a_trusted_ca_is_refused() -> Result<()> {
     let env = Env::start().await?;
     let before = env.snapshot().await?;
     let rogue_ca = SwtpmCa::new()?;
-    let node = SimulatedNode::boot(&rogue_ca, &unique_name("node"), &env.image)?;
+    let node = SimulatedNode::boot(&rogue_ca, &unique_name("node"), &env.image, env.gate_pin()?)?;
     let out = node
         .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
         .await?;

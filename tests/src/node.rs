@@ -120,6 +120,11 @@ impl SimulatedNode {
         self.dir.path().join("bootstrap-kubelet.kubeconfig")
     }
 
+    /// UUID of this machine's state disk, as its bootstrapper names it.
+    pub fn disk_uuid(&self) -> String {
+        format!("00000000-0000-4000-8000-{:012x}", std::process::id())
+    }
+
     pub fn disk_key_file(&self) -> PathBuf {
         self.dir.path().join("disk.key")
     }
@@ -141,10 +146,7 @@ impl SimulatedNode {
             .arg("--tcti")
             .arg(self.swtpm.tcti())
             .arg("--disk-uuid")
-            .arg(format!(
-                "00000000-0000-4000-8000-{:012x}",
-                std::process::id()
-            ))
+            .arg(self.disk_uuid())
             .arg("--kubelet-bootstrap-kubeconfig")
             .arg(self.bootstrap_kubeconfig())
             .arg("--ak-state")

@@ -743,3 +743,74 @@ async fn a_name_whose_node_is_gone_can_be_taken_by_a_new_machine() -> Result<()>
     assert_ne!(first.spec.ak_fingerprint, second.spec.ak_fingerprint);
     Ok(())
 }
+
+/// The state disk on a real join: a recorded `cryptsetup` first on the
+/// node's `PATH` (this machine's kernel has no device-mapper; real LUKS runs
+/// in the VM suite) is formatted once, when `isLuks` says "not LUKS", and
+/// opened with the key the gate derived for this disk, which arrives on
+/// stdin only; after a reboot the rejoined node opens it with the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_disk_is_formatted_once_and_opened_with_the_gates_disk_key() -> Result<()> {
+    use confidential_testenv::standin::Standin;
+
+    let env = Env::start().await?;
+    let node = env.boot(&unique_name("node"))?;
+    let device = node.dir().join("vdb");
+    std::fs::write(&device, b"")?;
+    let device_arg = device.display().to_string();
+    let run = |cryptsetup: &Standin, extra: &[&str]| -> Result<_> {
+        let mut args = vec!["--state-device", device_arg.as_str()];
+        args.extend(extra);
+        let mut cmd = node.bootstrapper_command(std::slice::from_ref(&env.addr), &args)?;
+        cmd.env("PATH", cryptsetup.path_env());
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        Ok(async move {
+            let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+                .await
+                .context("bootstrapper timed out")??;
+            anyhow::Ok(format!(
+                "{}{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    };
+    let key = env.master.disk_key(&node.disk_uuid());
+
+    let blank = Standin::new("cryptsetup", &[("isLuks", 1)])?;
+    let log = run(&blank, &[])?.await?;
+    assert!(log.starts_with("exit status: 0"), "{log}");
+    let calls = blank.calls()?;
+    let argv0: Vec<&str> = calls.iter().map(|c| c.argv[0].as_str()).collect();
+    assert_eq!(argv0, ["isLuks", "luksFormat", "open"], "{calls:?}");
+    for call in &calls[1..] {
+        assert_eq!(call.stdin, key, "the gate's key for this disk, on stdin");
+        assert!(call.argv.contains(&device_arg), "{call:?}");
+        assert!(
+            !call.argv.iter().any(|a| a.contains(&hex::encode(key))),
+            "no key on argv: {call:?}"
+        );
+    }
+    assert!(
+        !node.disk_key_file().exists(),
+        "a state device gets no key file"
+    );
+
+    let formatted = Standin::new("cryptsetup", &[("isLuks", 0)])?;
+    let log = run(&formatted, &["--rejoin"])?.await?;
+    assert!(log.starts_with("exit status: 0"), "{log}");
+    let calls = formatted.calls()?;
+    let argv0: Vec<&str> = calls.iter().map(|c| c.argv[0].as_str()).collect();
+    assert_eq!(
+        argv0,
+        ["isLuks", "open"],
+        "a LUKS disk is never formatted again"
+    );
+    assert_eq!(
+        calls[1].stdin, key,
+        "the rejoined node gets the same disk key"
+    );
+    Ok(())
+}

@@ -779,9 +779,24 @@ async fn state_disk_is_formatted_once_and_opened_with_the_gates_disk_key() -> Re
     };
     let key = env.master.disk_key(&node.disk_uuid());
 
+    // A stale, world-readable kubeconfig from an earlier boot: the secret
+    // that replaces it is 0600 (as is the AK state).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(node.bootstrap_kubeconfig(), b"stale")?;
+    std::fs::set_permissions(
+        node.bootstrap_kubeconfig(),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    let mode = |path: std::path::PathBuf| -> Result<u32> {
+        Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
+    };
+
     let blank = Standin::new("cryptsetup", &[("isLuks", 1)])?;
     let log = run(&blank, &[])?.await?;
     assert!(log.starts_with("exit status: 0"), "{log}");
+    assert!(std::fs::read_to_string(node.bootstrap_kubeconfig())?.contains("token: "));
+    assert_eq!(mode(node.bootstrap_kubeconfig())?, 0o600);
+    assert_eq!(mode(node.dir().join("ak.blob"))?, 0o600);
     let calls = blank.calls()?;
     let argv0: Vec<&str> = calls.iter().map(|c| c.argv[0].as_str()).collect();
     assert_eq!(argv0, ["isLuks", "luksFormat", "open"], "{calls:?}");

@@ -377,9 +377,35 @@ impl EtcdMembership {
     }
 }
 
-/// A control-plane pool changes nothing while the provider cannot take its
-/// machines out of etcd: every action but the status is held, and the pool
-/// is blocked saying what is missing. Worker pools pass unchanged.
+/// Whether an action starts or completes a replacement, which for a
+/// control-plane machine ends in removing its etcd member. Exhaustive on
+/// purpose: a new action must be classified here.
+fn replaces_machines(action: &Action) -> bool {
+    match action {
+        Action::CreateMachine { .. }
+        | Action::PairHeir { .. }
+        | Action::Cordon {
+            start_drain: true, ..
+        }
+        | Action::Evict { .. }
+        | Action::LeaveControlPlane { .. }
+        | Action::DeleteMachine { .. }
+        | Action::DeleteNode { .. }
+        | Action::MarkFailed { .. } => true,
+        // Fencing an untrusted node, bookkeeping and status stay possible.
+        Action::Cordon {
+            start_drain: false, ..
+        }
+        | Action::CopyLabels { .. }
+        | Action::ForgetPending { .. }
+        | Action::UpdateStatus(_) => false,
+    }
+}
+
+/// A control-plane pool replaces no machine while the provider cannot take
+/// them out of etcd: those actions are held and the pool is blocked saying
+/// what is missing. Cordoning an untrusted node still happens. Worker pools
+/// pass unchanged.
 pub fn hold_without_membership(
     desired: &Desired,
     membership: Result<(), String>,
@@ -388,19 +414,20 @@ pub fn hold_without_membership(
     let Err(reason) = membership else {
         return actions;
     };
-    if !desired.control_plane || actions.iter().all(|a| matches!(a, Action::UpdateStatus(_))) {
+    if !desired.control_plane || !actions.iter().any(replaces_machines) {
         return actions;
     }
     actions
         .into_iter()
-        .filter_map(|a| match a {
+        .filter(|a| !replaces_machines(a))
+        .map(|a| match a {
             Action::UpdateStatus(mut status) => {
                 status.blocked.push(Blocked::EtcdUnavailable {
                     reason: reason.clone(),
                 });
-                Some(Action::UpdateStatus(status))
+                Action::UpdateStatus(status)
             }
-            _ => None,
+            other => other,
         })
         .collect()
 }

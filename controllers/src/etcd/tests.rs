@@ -361,6 +361,37 @@ fn a_control_plane_pool_without_etcd_access_changes_nothing_and_says_why() {
 }
 
 #[test]
+fn an_untrusted_control_plane_node_is_still_cordoned_without_etcd_access() {
+    let mut actions = vec![Action::Cordon {
+        node: "cp-b".into(),
+        start_drain: false,
+    }];
+    actions.extend(roll());
+    let held = hold_without_membership(&desired(true), Err(NO_ETCD_ACCESS.into()), actions);
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert_eq!(
+        held[0],
+        Action::Cordon {
+            node: "cp-b".into(),
+            start_drain: false
+        }
+    );
+    assert!(matches!(&held[1], Action::UpdateStatus(s) if s.blocked.len() == 1));
+    // Only fencing to do: nothing is held, nothing is blocked.
+    let fence = vec![
+        Action::Cordon {
+            node: "cp-b".into(),
+            start_drain: false,
+        },
+        Action::UpdateStatus(PoolStatus::default()),
+    ];
+    assert_eq!(
+        hold_without_membership(&desired(true), Err("x".into()), fence.clone()),
+        fence
+    );
+}
+
+#[test]
 fn only_control_plane_pools_with_work_are_held() {
     assert_eq!(
         hold_without_membership(&desired(true), Ok(()), roll()),

@@ -35,21 +35,39 @@ struct Cli {
 enum Command {
     /// Prints the hex SHA-256 pin of the gate identity derived from the
     /// master secret: what nodes pass as `--gate-pin`.
-    GatePin {
-        /// JSON file `{"secret": "<hex>", "salt": "<hex>"}`: the cluster master secret.
-        #[arg(
-            long = "join-master-secret-file",
-            env = "CONFIDENTIAL_JOIN_MASTER_SECRET_FILE"
-        )]
-        master_secret_file: PathBuf,
-    },
+    GatePin(GatePinArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GatePinArgs {
+    /// JSON file `{"secret": "<hex>", "salt": "<hex>"}`: the cluster master secret.
+    #[arg(
+        long = "join-master-secret-file",
+        env = "CONFIDENTIAL_JOIN_MASTER_SECRET_FILE"
+    )]
+    master_secret_file: PathBuf,
+}
+
+/// `confidential-webhook gate-pin ...` parsed on its own: clap would still
+/// demand the server's required flags next to a subcommand's own flags.
+#[derive(Parser, Debug)]
+#[command(name = "confidential-webhook gate-pin", version)]
+struct GatePinCli {
+    #[command(flatten)]
+    args: GatePinArgs,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "gate-pin") {
+        let pin = GatePinCli::parse_from(&argv[1..]);
+        println!("{}", join::gate_pin(&pin.args.master_secret_file)?);
+        return Ok(());
+    }
     let cli = Cli::parse();
-    if let Some(Command::GatePin { master_secret_file }) = &cli.command {
-        println!("{}", join::gate_pin(master_secret_file)?);
+    if let Some(Command::GatePin(args)) = &cli.command {
+        println!("{}", join::gate_pin(&args.master_secret_file)?);
         return Ok(());
     }
     // rustls needs its crypto provider chosen before any TLS config is built;

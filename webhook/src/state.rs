@@ -70,11 +70,12 @@ impl Health {
 
     fn any_failing_too_long(&self, now: Instant, stale_after: Duration) -> bool {
         // A poisoned lock means a panic while recording: not trustworthy.
-        self.failures.lock().map_or(true, |failures| {
-            failures
+        match self.failures.lock() {
+            Ok(failures) => failures
                 .values()
-                .any(|f| failing_too_long(Some(*f), now, stale_after))
-        })
+                .any(|f| failing_too_long(Some(*f), now, stale_after)),
+            Err(_) => true,
+        }
     }
 }
 

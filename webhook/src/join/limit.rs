@@ -69,7 +69,8 @@ impl Limiter {
             at: now,
         });
         let tokens = self.refill(*bucket, now);
-        if tokens >= 1.0 {
+        // Refills add up in floating point; a hair below one is one.
+        if tokens >= 1.0 - 1e-9 {
             *bucket = Bucket {
                 tokens: tokens - 1.0,
                 at: now,
@@ -81,7 +82,7 @@ impl Limiter {
         if rate <= 0.0 {
             return Err(Duration::from_secs(3600));
         }
-        Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+        Err(Duration::from_secs_f64(((1.0 - tokens) / rate).max(0.0)))
     }
 }
 

@@ -63,19 +63,22 @@ pub fn attestation_object(
 
 /// Why a write was refused, from the API server's answer.
 pub fn write_refusal(plan: &JoinPlan, error: kube::Error) -> Refusal {
-    let api = match &error {
-        kube::Error::Api(status) => Some((status.code, status.reason.as_str())),
-        _ => None,
+    let (created_meanwhile, changed_meanwhile) = match &error {
+        kube::Error::Api(status) => (
+            status.is_already_exists(),
+            status.is_conflict() || status.is_not_found(),
+        ),
+        _ => (false, false),
     };
-    match (&plan.record, api) {
-        (Record::Create, Some((409, "AlreadyExists"))) => Refusal::new(
+    match (&plan.record, created_meanwhile, changed_meanwhile) {
+        (Record::Create, true, _) => Refusal::new(
             Reason::NameTaken,
             format!(
                 "node name {} was taken by another machine while this join was verified",
                 plan.node_name
             ),
         ),
-        (Record::Replace { .. }, Some((409, _) | (404, _))) => Refusal::new(
+        (Record::Replace { .. }, _, true) => Refusal::new(
             Reason::AttestationChanged,
             format!(
                 "the NodeAttestation of {} changed or was deleted while this join was verified; retry",
@@ -147,12 +150,11 @@ mod tests {
     }
 
     fn api_error(code: u16, reason: &str) -> kube::Error {
-        kube::Error::Api(kube::core::ErrorResponse {
-            status: "Failure".into(),
-            message: "secret internals".into(),
-            reason: reason.into(),
-            code,
-        })
+        kube::Error::Api(
+            kube::core::Status::failure("secret internals", reason)
+                .with_code(code)
+                .boxed(),
+        )
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL, image_label_value};
-use confidential_controllers::provider::{Machine, MachineRequest, Provider, ProviderError};
+use confidential_controllers::provider::{
+    Leave, LeaveRequest, Machine, MachineRequest, Provider, ProviderError,
+};
 use confidential_testenv::node::{Kubelet, KubeletOptions, NodeImage, SimulatedNode};
 use confidential_testenv::swtpm::SwtpmCa;
 use futures::future::BoxFuture;
@@ -167,4 +169,19 @@ impl Provider for SwtpmProvider {
                 .collect())
         })
     }
+
+    fn control_plane_membership(&self) -> Result<(), String> {
+        Err(NO_CONTROL_PLANE_MACHINES.to_owned())
+    }
+
+    fn leave_control_plane<'a>(
+        &'a self,
+        _request: &'a LeaveRequest,
+    ) -> BoxFuture<'a, Result<Leave, ProviderError>> {
+        Box::pin(async { Err(ProviderError::Failed(NO_CONTROL_PLANE_MACHINES.to_owned())) })
+    }
 }
+
+/// The playground's control plane runs on the host, outside any pool: its
+/// machines are workers and run no etcd.
+const NO_CONTROL_PLANE_MACHINES: &str = "the playground's machines are workers and run no etcd: control-plane pools are not supported there";

@@ -10,6 +10,7 @@
 
 pub mod binaries;
 pub mod controlplane;
+pub mod etcd;
 pub mod node;
 pub mod pki;
 mod process;

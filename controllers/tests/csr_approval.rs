@@ -141,6 +141,7 @@ async fn kubelet_csrs_are_approved_only_for_the_node_attested_for_the_token() ->
                         measurements: Default::default(),
                         ak_fingerprint: "ab".repeat(32),
                         disk_uuid: None,
+                        attestation_endpoint: None,
                         attested_at: Time(now),
                         expires_at: Time(now + jiff::SignedDuration::from_hours(1)),
                         verdict,

@@ -444,6 +444,7 @@ impl Gate {
                     .collect::<BTreeMap<_, _>>(),
                 ak_fingerprint: p.verdict.identity.clone(),
                 disk_uuid: Some(req.disk_uuid.clone()),
+                attestation_endpoint: None,
                 attested_at: Time(now),
                 expires_at: Time(expires),
                 verdict: ApiVerdict::Trusted,

@@ -92,7 +92,7 @@ async fn bench() -> Result<serde_json::Value> {
                 let ip = node_ip(u32::try_from(i)?);
                 let joined = env_ref.join(name, ip, false).await?;
                 register_node(&nodes_api, name, ip).await?;
-                Ok(joined)
+                Ok::<JoinedNode, anyhow::Error>(joined)
             }
         })
         .buffer_unordered(6)

@@ -4,6 +4,7 @@
 //! the Kubernetes API. The `confidential-controllers` binary wires them up.
 
 pub mod csr;
+pub mod etcd;
 pub mod leader;
 pub mod metrics;
 pub mod operator;

@@ -3,11 +3,13 @@
 //! tracks pending machines, approves kubelet CSRs of attested nodes and
 //! replaces nodes whose attestation expired. Serves `/metrics` and `/healthz`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
+use confidential_controllers::etcd::{EtcdFlags, EtcdMembership, NO_ETCD_ACCESS};
 use confidential_controllers::metrics::Metrics;
 use confidential_controllers::operator::{self, Leadership};
 use confidential_controllers::provider::{Provider, RecordOnly};
@@ -50,6 +52,21 @@ struct Args {
     /// Simulated provider: time a deleted pod takes to terminate, milliseconds.
     #[arg(long, default_value_t = 200)]
     sim_drain_delay_ms: u64,
+    /// etcd client URLs (`https://host:2379`, comma-separated). With the
+    /// other --etcd-* flags the operator removes a control-plane donor's etcd
+    /// member (keeping quorum) before deleting it; without them it refuses to
+    /// roll control-plane pools.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) the etcd servers' certificates are verified with.
+    #[arg(long)]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd (kubeadm: apiserver-etcd-client.crt).
+    #[arg(long)]
+    etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(long)]
+    etcd_key_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -59,6 +76,21 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Flag mistakes first, before any cluster access.
+    let etcd = EtcdFlags {
+        endpoints: args.etcd_endpoints.clone(),
+        ca_file: args.etcd_ca_file.clone(),
+        cert_file: args.etcd_cert_file.clone(),
+        key_file: args.etcd_key_file.clone(),
+    }
+    .load()
+    .context("etcd access (--etcd-* flags)")?
+    .map(|settings| EtcdMembership::new(&settings))
+    .transpose()
+    .context("etcd client")?;
+    if etcd.is_none() {
+        tracing::warn!("{NO_ETCD_ACCESS}; worker pools roll as usual");
+    }
     let mut config = kube::Config::infer()
         .await
         .context("loading Kubernetes configuration")?;
@@ -67,7 +99,9 @@ async fn main() -> Result<()> {
     let client = kube::Client::try_from(config).context("building Kubernetes client")?;
     let metrics = Metrics::new();
     let provider: Arc<dyn Provider> = match args.provider {
-        ProviderKind::RecordOnly => Arc::new(RecordOnly),
+        ProviderKind::RecordOnly => {
+            Arc::new(etcd.map_or_else(RecordOnly::new, RecordOnly::with_etcd))
+        }
         ProviderKind::Sim => {
             let config = SimConfig {
                 join_delay: Duration::from_millis(args.sim_join_delay_ms),

@@ -36,7 +36,7 @@ use crate::planner::{
     self, Action, Amount, Blocked, DEFAULT_MAX_JOIN_ATTEMPTS, Desired, NodeObs, Observed,
     PendingObs, PodInfo, PoolStatus, Seconds,
 };
-use crate::provider::{MachineRequest, Provider, ProviderError};
+use crate::provider::{Leave, LeaveRequest, MachineRequest, Provider, ProviderError};
 
 /// Errors of a reconcile; all are retried by the error policy.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,10 @@ pub enum Error {
     Provider(#[from] ProviderError),
     #[error("invalid NodeVersion {name}: {reason}")]
     Invalid { name: String, reason: String },
+    /// etcd (issue 9): the donor may not leave etcd yet; the rest of its
+    /// actions wait (caught per action group, never fails a reconcile).
+    #[error("{node} waits to leave etcd: {reason}")]
+    LeaveWaits { node: String, reason: String },
 }
 
 /// Tunables of the reconciler.
@@ -519,8 +523,38 @@ async fn execute(
                 Err(err) => return Err(err.into()),
             }
         }
+        // etcd (issue 9): the donor leaves etcd before its machine and Node
+        // go; while that would cost quorum, the rest of its group waits.
         Action::LeaveControlPlane { node } => {
-            ctx.provider.leave_control_plane(node).await?;
+            let request = LeaveRequest {
+                node: node.clone(),
+                pool: desired.pool.clone(),
+                replicas: desired.replicas,
+            };
+            if let Leave::Wait(reason) = ctx.provider.leave_control_plane(&request).await? {
+                publish(
+                    ctx,
+                    &node_ref(node),
+                    true,
+                    "EtcdRemovalWaiting",
+                    "LeaveControlPlane",
+                    reason.clone(),
+                )
+                .await;
+                return Err(Error::LeaveWaits {
+                    node: node.clone(),
+                    reason,
+                });
+            }
+            publish(
+                ctx,
+                &nv_ref,
+                false,
+                "LeftEtcd",
+                "LeaveControlPlane",
+                format!("{node} left etcd"),
+            )
+            .await;
         }
         Action::DeleteMachine { name } => {
             ctx.provider.delete_machine(name).await?;
@@ -628,6 +662,17 @@ fn blocked_message(blocked: &[Blocked]) -> (String, String) {
                     "{node} runs pods that may not be evicted without opt-in (emptyDir: deleteEmptyDirData; no controller: evictUnmanagedPods): {}",
                     pods.join(", ")
                 ));
+            }
+            // etcd (issue 9)
+            Blocked::EtcdUnavailable { reason: why } => {
+                reason = "EtcdUnavailable".into();
+                parts.push(why.clone());
+            }
+            Blocked::EtcdQuorumWait { node, reason: why } => {
+                if reason.is_empty() {
+                    reason = "EtcdQuorumWait".into();
+                }
+                parts.push(format!("{node} stays until it can leave etcd: {why}"));
             }
         }
     }
@@ -803,6 +848,12 @@ pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeu
         }
     }
     let actions = planner::plan(&desired, &observed);
+    // etcd (issue 9): a control-plane pool does not roll without etcd access.
+    let actions = crate::etcd::hold_without_membership(
+        &desired,
+        ctx.provider.control_plane_membership(),
+        actions,
+    );
     let mut status = PoolStatus::default();
     let mut groups: Vec<(String, Vec<Action>)> = Vec::new();
     for action in &actions {
@@ -816,23 +867,34 @@ pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeu
             None => groups.push((key, vec![action.clone()])),
         }
     }
-    let refused: Vec<Vec<String>> = futures::stream::iter(groups)
+    let executed: Vec<(Vec<String>, Vec<Blocked>)> = futures::stream::iter(groups)
         .map(|(_, group)| {
             let ctx = ctx.clone();
             let nv = nv.clone();
             let desired = desired.clone();
             async move {
                 let mut refused = Vec::new();
+                let mut waiting = Vec::new();
                 for action in &group {
                     tracing::debug!(pool = %desired.pool, ?action, "executing");
-                    refused.extend(execute(&ctx, &nv, &desired, action).await?);
+                    match execute(&ctx, &nv, &desired, action).await {
+                        Ok(pod) => refused.extend(pod),
+                        // etcd (issue 9): the donor keeps its machine and Node.
+                        Err(Error::LeaveWaits { node, reason }) => {
+                            waiting.push(Blocked::EtcdQuorumWait { node, reason });
+                            break;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
-                Ok::<_, Error>(refused)
+                Ok::<_, Error>((refused, waiting))
             }
         })
         .buffer_unordered(16)
         .try_collect()
         .await?;
+    let (refused, waiting): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
+    status.blocked.extend(waiting.into_iter().flatten());
     let outcomes = Outcomes {
         refused: refused.into_iter().flatten().collect(),
     };

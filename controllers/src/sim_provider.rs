@@ -30,7 +30,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::provider::{Machine, MachineRequest, Provider, ProviderError};
+use crate::provider::{Leave, LeaveRequest, Machine, MachineRequest, Provider, ProviderError};
 
 /// Knobs of the simulated cloud.
 #[derive(Clone, Debug)]
@@ -374,4 +374,20 @@ impl Provider for SimProvider {
                 .collect())
         })
     }
+
+    fn control_plane_membership(&self) -> Result<(), String> {
+        Err(SIM_RUNS_NO_ETCD.to_owned())
+    }
+
+    fn leave_control_plane<'a>(
+        &'a self,
+        _request: &'a LeaveRequest,
+    ) -> BoxFuture<'a, Result<Leave, ProviderError>> {
+        Box::pin(async { Err(ProviderError::Failed(SIM_RUNS_NO_ETCD.to_owned())) })
+    }
 }
+
+/// The simulated cloud's machines run no etcd, so it refuses control-plane
+/// pools (a test that rolls one wraps it with a real etcd per machine).
+const SIM_RUNS_NO_ETCD: &str =
+    "the simulated cloud runs no etcd: its machines cannot be control-plane members";

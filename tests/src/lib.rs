@@ -10,9 +10,11 @@
 
 pub mod binaries;
 pub mod controlplane;
+pub mod etcd;
 pub mod node;
 pub mod pki;
 mod process;
+pub mod standin;
 pub mod swtpm;
 
 use std::path::{Path, PathBuf};

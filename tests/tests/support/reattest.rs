@@ -47,6 +47,8 @@ pub struct Env {
     pub webhook_addr: String,
     /// Port every node serves `/v1/attest` on (each on its own address).
     pub attest_port: u16,
+    /// The gate identity the nodes pin (derived from the master secret).
+    pub gate_pin: [u8; 32],
     pub gate: ManagedProcess,
     gate_args: Vec<String>,
     dir: tempfile::TempDir,
@@ -168,11 +170,15 @@ impl Env {
         )?;
         std::fs::write(d.join("tls.crt"), &serving.cert_pem)?;
         std::fs::write(d.join("tls.key"), &serving.key_pem)?;
+        let (secret, salt) = ([0x42u8; 32], b"reattest-salt");
         std::fs::write(
             d.join("master-secret.json"),
-            json!({ "secret": hex::encode([0x42u8; 32]), "salt": hex::encode(b"reattest-salt") })
-                .to_string(),
+            json!({ "secret": hex::encode(secret), "salt": hex::encode(salt) }).to_string(),
         )?;
+        let gate_pin = confidential_attestation::atls::GateIdentity::derive(
+            &confidential_attestation::kdf::MasterSecret::new(secret.to_vec(), salt.to_vec())?,
+        )?
+        .pin();
         std::fs::write(d.join("cluster-ca.crt"), &cp.ca_pem)?;
         let (webhook_port, join_port, attest_port) = (free_port()?, free_port()?, free_port()?);
         let gate_args: Vec<String> = vec![
@@ -210,6 +216,7 @@ impl Env {
             join_addr,
             webhook_addr: format!("127.0.0.1:{webhook_port}"),
             attest_port,
+            gate_pin,
             gate,
             gate_args,
             dir,
@@ -263,7 +270,7 @@ impl Env {
     /// bootstrapper, which then serves `/v1/attest` on `ip`; with `kubelet`,
     /// its kubelet stand-in registers the Node with `ip` as InternalIP.
     pub async fn join(&self, name: &str, ip: Ipv4Addr, kubelet: bool) -> Result<JoinedNode> {
-        let node = SimulatedNode::boot(&self.ca, name, &self.image)?;
+        let node = SimulatedNode::boot(&self.ca, name, &self.image, self.gate_pin)?;
         let listen = format!("{ip}:{}", self.attest_port);
         let mut attest = node.spawn_bootstrapper(
             std::slice::from_ref(&self.join_addr),

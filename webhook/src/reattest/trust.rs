@@ -28,10 +28,10 @@ pub struct PolicyInForce {
     images: HashMap<String, Result<Measurements, Failure>>,
 }
 
-fn kind_name(kind: EvidenceKind) -> &'static str {
+fn kind_of(kind: EvidenceKind) -> confidential_attestation::evidence::EvidenceKind {
     match kind {
-        EvidenceKind::Tpm => "tpm",
-        EvidenceKind::SevSnp => "sev-snp",
+        EvidenceKind::Tpm => confidential_attestation::evidence::EvidenceKind::Tpm,
+        EvidenceKind::SevSnp => confidential_attestation::evidence::EvidenceKind::SevSnp,
     }
 }
 
@@ -44,11 +44,7 @@ impl PolicyInForce {
             ek_cas.extend(parse_certificates(pem).map_err(|e| format!("policy EK CA: {e}"))?);
         }
         let trust = TrustPolicy {
-            evidence_kinds: spec
-                .evidence_kinds
-                .iter()
-                .map(|k| kind_name(*k).to_owned())
-                .collect(),
+            evidence_kinds: spec.evidence_kinds.iter().map(|k| kind_of(*k)).collect(),
             ek_cas,
             snp: spec.snp.as_ref().map(|s| SnpTrust {
                 ark_pem: s.ark_certificate.clone().into_bytes(),

@@ -259,27 +259,75 @@ pub struct NodeAttestationSpec {
     /// UUID of the node's state disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_uuid: Option<String>,
+    /// `host:port` of the node's aTLS attestation endpoint (`/v1/attest`,
+    /// served by the bootstrapper with `--attest-listen`), recorded by the
+    /// join path from what the node announced on its attested channel. The
+    /// gate re-verifies the node there; when unset it uses the Node's
+    /// `InternalIP` and the gate's `--reattest-port`. The address is only a
+    /// hint: whoever answers there must quote with the AK recorded in
+    /// `akFingerprint`, so pointing it elsewhere can only fail the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_endpoint: Option<String>,
+    /// When the node first proved this identity (its join or rejoin).
     pub attested_at: Time,
+    /// Until when the attestation is valid. The gate's re-attestation moves
+    /// it to `lastVerified + reattestationInterval` on every success and
+    /// never on a failure.
     pub expires_at: Time,
+    /// The node is attested, and its own credentials may act, only while
+    /// the verdict is `Trusted` and `expiresAt` lies in the future. Any other
+    /// verdict (`Untrusted`, `Revoked`) means "not valid": the admission rule
+    /// refuses the node's kubelet, the operator taints it `NoExecute`,
+    /// cordons, drains and replaces it.
     pub verdict: Verdict,
     /// Mismatches of `warnOnly` measurements and other non-fatal findings.
     #[serde(default)]
     pub warnings: Vec<String>,
 }
 
-/// The outcome of an attestation.
+/// The outcome of an attestation. Only `Trusted` is valid.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Verdict {
+    /// Evidence verified; valid until `expiresAt`.
     Trusted,
+    /// Evidence was refused.
     Untrusted,
+    /// The node failed re-attestation, or could not be reached, for longer
+    /// than the gate's grace period (`status.revokedAt`, the `Revoked`
+    /// condition says why). Final: only a new attested join replaces it.
+    Revoked,
 }
 
-/// Observed state of a NodeAttestation.
+/// Observed state of a NodeAttestation, written by the gate's continuous
+/// re-attestation.
+///
+/// Conditions: `Verified` (True after a successful re-verification; False
+/// with the failure's reason, e.g. `PcrMismatch`, `AkMismatch`,
+/// `Unreachable`, while failures last) and `Revoked` (True once the verdict
+/// became `Revoked`, reason `GracePeriodExceeded`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeAttestationStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// When the gate last verified fresh, channel-bound evidence of this
+    /// node against the policy in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified: Option<Time>,
+    /// Re-attestations that failed in a row since the last success.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// The first failure of the current run of failures; cleared by a
+    /// success. The node is revoked once failures last longer than the
+    /// gate's grace period from this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_failure: Option<Time>,
+    /// Reason of the last failure (the `Verified` condition's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_reason: Option<String>,
+    /// When the gate revoked the attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<Time>,
 }
 
 // ---------------------------------------------------------------------------

@@ -376,6 +376,18 @@ impl AtlsClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), AtlsError> {
+        self.post_limited(path, body, usize::MAX).await
+    }
+
+    /// [`AtlsClient::post`], refusing an answer body longer than `limit`
+    /// bytes: for callers that must not let an untrusted peer (a node being
+    /// re-verified) make them buffer without bound.
+    pub async fn post_limited(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), AtlsError> {
         let req = Request::post(path)
             .header(http::header::HOST, &self.authority)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -391,8 +403,7 @@ impl AtlsClient {
             .await
             .map_err(|e| AtlsError::Http(e.to_string()))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let body = http_body_util::Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map_err(|e| AtlsError::Http(e.to_string()))?
@@ -485,6 +496,21 @@ mod tests {
         .await
         .err();
         assert!(err.is_some(), "a mismatching pin must fail the handshake");
+    }
+
+    #[tokio::test]
+    async fn an_answer_longer_than_the_limit_is_refused() {
+        let addr = echo_server().await;
+        let mut client = AtlsClient::connect(&addr.to_string(), client_config(None).expect("cfg"))
+            .await
+            .expect("connect");
+        let (_, body) = client.post_limited("/", vec![], 32).await.expect("fits");
+        assert_eq!(body.len(), 32);
+        let err = client.post_limited("/", vec![], 31).await.err();
+        assert!(
+            err.is_some(),
+            "a 32-byte answer must not pass a 31-byte limit"
+        );
     }
 
     #[tokio::test]

@@ -306,6 +306,7 @@ async fn memory_at_scale(count: usize) -> Result<Value> {
                         measurements: (0..8).map(|p| (p.to_string(), "ab".repeat(32))).collect(),
                         ak_fingerprint: "cd".repeat(32),
                         disk_uuid: None,
+                        attestation_endpoint: None,
                         attested_at: Time(now),
                         expires_at: Time(now + jiff::SignedDuration::from_hours(24)),
                         verdict: Verdict::Trusted,

@@ -287,6 +287,7 @@ async fn boot(
             measurements: BTreeMap::new(),
             ak_fingerprint: "00".repeat(32),
             disk_uuid: None,
+            attestation_endpoint: None,
             attested_at: Time(now),
             expires_at: Time(expires),
             verdict: Verdict::Trusted,

@@ -251,6 +251,7 @@ async fn attest(admin: &Client, name: &str, verdict: Verdict) -> Result<()> {
                     measurements: Default::default(),
                     ak_fingerprint: "ab".repeat(32),
                     disk_uuid: None,
+                    attestation_endpoint: None,
                     attested_at: Time(now),
                     expires_at: Time(now + jiff::SignedDuration::from_hours(1)),
                     verdict,

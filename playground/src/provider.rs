@@ -92,6 +92,7 @@ async fn boot(
             ),
         ]),
         kubelet_version: request.kubernetes_version.clone(),
+        ..Default::default()
     };
     let kubelet = node
         .start_kubelet_with(&options, |_csr| async { Ok(()) })

@@ -365,6 +365,9 @@ pub struct KubeletOptions {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Reported `status.nodeInfo.kubeletVersion`.
     pub kubelet_version: String,
+    /// Reported `InternalIP` in `status.addresses` (the kubelet's
+    /// `--node-ip`); where the gate reaches the node's attestation endpoint.
+    pub internal_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for KubeletOptions {
@@ -372,6 +375,7 @@ impl Default for KubeletOptions {
         Self {
             labels: Default::default(),
             kubelet_version: format!("v{}", crate::binaries::KUBERNETES_VERSION),
+            internal_ip: None,
         }
     }
 }
@@ -388,11 +392,16 @@ async fn register_node(client: &Client, name: &str, options: &KubeletOptions) ->
     }))?;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes.create(&PostParams::default(), &node).await?;
+    let mut addresses = vec![json!({ "type": "Hostname", "address": name })];
+    if let Some(ip) = options.internal_ip {
+        addresses.push(json!({ "type": "InternalIP", "address": ip.to_string() }));
+    }
     nodes
         .patch_status(
             name,
             &PatchParams::default(),
             &Patch::Merge(json!({ "status": {
+                "addresses": addresses,
                 "conditions": [ready_condition(&now)],
                 "nodeInfo": {
                     "machineID": name, "systemUUID": name, "bootID": "simulated",

@@ -175,6 +175,7 @@ async fn crds_install_and_every_resource_round_trips_with_status() -> Result<()>
             measurements: BTreeMap::from([("4".to_owned(), "ab".repeat(32))]),
             ak_fingerprint: "cd".repeat(32),
             disk_uuid: None,
+            attestation_endpoint: None,
             attested_at: time_in(0)?,
             expires_at: time_in(3600)?,
             verdict: Verdict::Trusted,

@@ -424,6 +424,7 @@ async fn main() -> Result<()> {
                     measurements: [("4".to_owned(), PCR4.to_owned())].into(),
                     ak_fingerprint: format!("{i:064x}"),
                     disk_uuid: None,
+                    attestation_endpoint: None,
                     attested_at: Time(now),
                     expires_at: Time(now + jiff::SignedDuration::from_hours(24)),
                     verdict: Verdict::Trusted,

@@ -10,6 +10,7 @@ pub mod handler;
 pub mod image_ref;
 pub mod join;
 pub mod metrics;
+pub mod reattest;
 pub mod review;
 pub mod server;
 pub mod state;

@@ -1,15 +1,27 @@
 //! `confidential-webhook`: the cluster's gate. Serves the validating admission
 //! endpoint, `/metrics` and health probes over TLS (see the library for the
-//! pieces); the attested join endpoint runs beside it in the same process,
-//! reading the same watch caches. `confidential-webhook gate-pin` prints the
-//! pin of the gate identity, for the install and node launch configurations.
+//! pieces); the attested join endpoint and continuous re-attestation of the
+//! joined nodes run beside it in the same process, reading the same watch
+//! caches. `confidential-webhook gate-pin` prints the pin of the gate
+//! identity, for the install and node launch configurations.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use confidential_webhook::join::{self, JoinArgs};
+use confidential_webhook::metrics::Metrics;
+use confidential_webhook::reattest::{ReattestArgs, ReattestMetrics, Reattester};
 use confidential_webhook::server::{self, WebhookArgs};
+
+/// Stops a background task when the gate returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// The cluster's gate: admission webhook and attested join endpoint.
 #[derive(Parser, Debug)]
@@ -26,6 +38,8 @@ struct Cli {
     webhook: WebhookArgs,
     #[command(flatten)]
     join: JoinArgs,
+    #[command(flatten)]
+    reattest: ReattestArgs,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", env = "CONFIDENTIAL_WEBHOOK_LOG_FORMAT")]
     log_format: String,
@@ -95,7 +109,18 @@ async fn main() -> Result<()> {
     // of watch caches; if either listener stops, the process exits so its
     // supervisor restarts it.
     let client = server::client(cli.webhook.kubeconfig.as_deref()).await?;
-    let (webhook, running) = server::start(client.clone(), &cli.webhook).await?;
+    // The gate that writes NodeAttestations also keeps them current.
+    let reattest_metrics = ReattestMetrics::default();
+    let metrics = Metrics::with_more(|registry| reattest_metrics.register(registry));
+    let (webhook, running) =
+        server::start_with_metrics(client.clone(), &cli.webhook, metrics).await?;
+    let reattester = Reattester::new(
+        client.clone(),
+        cli.join.policy.clone(),
+        cli.reattest,
+        reattest_metrics,
+    );
+    let _reattest = AbortOnDrop(tokio::spawn(reattester.run()));
     let join = tokio::spawn(join::run(cli.join, client, webhook.stores.clone()));
     tokio::select! {
         served = running.task => served.context("server task")?.context("serving HTTPS"),

@@ -47,7 +47,15 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_more(|_| {})
+    }
+
+    /// The webhook's metrics plus whatever `register` adds to the same
+    /// registry (the gate's other parts: re-attestation), so one `/metrics`
+    /// serves them all.
+    pub fn with_more(register: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("confidential_webhook");
+        register(&mut registry);
         let reviews = Family::<ReviewLabels, Counter>::default();
         registry.register(
             "admission_reviews",

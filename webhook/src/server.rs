@@ -206,6 +206,16 @@ pub async fn serve(webhook: Webhook, args: &WebhookArgs) -> Result<Running> {
 
 /// Starts the watches and the server; returns once both are running.
 pub async fn start(client: Client, args: &WebhookArgs) -> Result<(Webhook, Running)> {
+    start_with_metrics(client, args, Metrics::new()).await
+}
+
+/// [`start`] serving `metrics` (built with [`Metrics::with_more`] when other
+/// parts of the gate add theirs).
+pub async fn start_with_metrics(
+    client: Client,
+    args: &WebhookArgs,
+    metrics: Metrics,
+) -> Result<(Webhook, Running)> {
     let (stores, writers) = Stores::new();
     tokio::spawn(state::watch(client, writers));
     let ready = stores.clone();
@@ -213,7 +223,7 @@ pub async fn start(client: Client, args: &WebhookArgs) -> Result<(Webhook, Runni
         ready.wait_ready().await;
         tracing::info!("caches synced; ready");
     });
-    let webhook = Webhook::new(stores, Metrics::new());
+    let webhook = Webhook::new(stores, metrics);
     let running = serve(webhook.clone(), args).await?;
     Ok((webhook, running))
 }

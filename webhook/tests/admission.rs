@@ -39,6 +39,7 @@ fn attestation(node: &str, expires_in: jiff::SignedDuration) -> NodeAttestation 
             measurements: [("4".to_owned(), PCR4.to_owned())].into(),
             ak_fingerprint: "ab".repeat(32),
             disk_uuid: None,
+            attestation_endpoint: None,
             attested_at: Time(now),
             expires_at: Time(now + expires_in),
             verdict: Verdict::Trusted,

@@ -122,6 +122,7 @@ pub fn attestation(name: &str, ak: &str, disk: Option<&str>, rv: Option<&str>) -
             measurements: BTreeMap::new(),
             ak_fingerprint: ak.to_owned(),
             disk_uuid: disk.map(str::to_owned),
+            attestation_endpoint: None,
             attested_at: Time(jiff::Timestamp::UNIX_EPOCH),
             expires_at: Time(jiff::Timestamp::UNIX_EPOCH),
             verdict: ApiVerdict::Trusted,

@@ -49,6 +49,7 @@ pub fn attestation_object(
                 .collect::<BTreeMap<_, _>>(),
             ak_fingerprint: verdict.identity.clone(),
             disk_uuid: Some(plan.disk_uuid.clone()),
+            attestation_endpoint: None,
             attested_at: Time(now),
             expires_at: Time(expires),
             verdict: ApiVerdict::Trusted,

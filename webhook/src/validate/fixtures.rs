@@ -95,6 +95,7 @@ pub fn attestation(node: &str, expires_in_secs: i64) -> Arc<NodeAttestation> {
             measurements,
             ak_fingerprint: "ab".repeat(32),
             disk_uuid: None,
+            attestation_endpoint: None,
             attested_at: Time(now() - jiff::SignedDuration::from_secs(60)),
             expires_at: Time(now() + jiff::SignedDuration::from_secs(expires_in_secs)),
             verdict: Verdict::Trusted,

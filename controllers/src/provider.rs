@@ -2,10 +2,11 @@
 //!
 //! A provider creates a machine for a pool and a node image under a node name
 //! the controller chose (so the Node, the NodeAttestation and the PendingNode
-//! all share it), deletes a machine by that name, and lists the machines of a
-//! pool. Every call must be idempotent: the controller repeats calls after a
-//! restart. Implementations: [`crate::sim_provider::SimProvider`] (tests,
-//! benchmarks, playground). A Cluster API provider maps machines to
+//! all share it) and deletes a machine by that name. Every call must be
+//! idempotent: the controller repeats calls after a restart. Implementations:
+//! [`RecordOnly`] here; the simulated cloud of the test environment
+//! (`confidential_testenv::cloud`) and the swtpm machines of the playground
+//! (`confidential-playground`). A Cluster API provider maps machines to
 //! `Machine` objects (name = node name, `spec.bootstrap.dataSecretName`
 //! carrying the image); a scaling-group provider maps them to instances it
 //! launches with the node name in user data and deletes by instance id.
@@ -48,8 +49,8 @@ pub struct Machine {
     pub provider_id: String,
 }
 
-/// Creates, deletes and lists machines. Object-safe so the controller can
-/// hold `Arc<dyn Provider>`.
+/// Creates and deletes machines. Object-safe so the controller can hold
+/// `Arc<dyn Provider>`.
 pub trait Provider: Send + Sync + 'static {
     /// Creates the machine (or returns the existing one of that name).
     fn create_machine<'a>(
@@ -58,11 +59,6 @@ pub trait Provider: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Machine, ProviderError>>;
     /// Deletes the machine; deleting a missing machine succeeds.
     fn delete_machine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
-    /// Lists the machines of a pool.
-    fn list_machines<'a>(
-        &'a self,
-        pool: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>>;
     /// Removes a control-plane node from etcd membership before its Node is
     /// deleted. Providers without control-plane machines keep the default.
     fn leave_control_plane<'a>(
@@ -96,12 +92,5 @@ impl Provider for RecordOnly {
 
     fn delete_machine<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async { Ok(()) })
-    }
-
-    fn list_machines<'a>(
-        &'a self,
-        _pool: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>> {
-        Box::pin(async { Ok(Vec::new()) })
     }
 }

@@ -9,11 +9,14 @@
 //! objects under unique names so runs against a shared cluster do not collide.
 
 pub mod binaries;
+pub mod cloud;
 pub mod controlplane;
+pub mod kubelet;
 pub mod node;
 pub mod pki;
 mod process;
 pub mod swtpm;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};

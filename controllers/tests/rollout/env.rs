@@ -170,9 +170,19 @@ pub fn settings() -> Settings {
     }
 }
 
+/// The operator in-process with the simulated cloud as its provider.
 pub fn controller(env: &Env, metrics: Arc<Metrics>, identity: &str) -> JoinHandle<()> {
+    controller_with(env, Arc::new(env.sim.clone()), metrics, identity)
+}
+
+/// The operator in-process with `provider`.
+pub fn controller_with(
+    env: &Env,
+    provider: Arc<dyn Provider>,
+    metrics: Arc<Metrics>,
+    identity: &str,
+) -> JoinHandle<()> {
     let client = env.client.clone();
-    let provider: Arc<dyn Provider> = Arc::new(env.sim.clone());
     let leadership = Leadership {
         namespace: NAMESPACE.into(),
         lease: "confidential-controllers".into(),

@@ -25,8 +25,8 @@ use confidential_controllers::metrics::Metrics;
 use confidential_testenv::cloud::CloudConfig;
 use confidential_testenv::eventually;
 use env::{
-    InvariantWatch, V2, WAIT, controller, healthy_pods, node_version, nv_status, set_image,
-    settle_v1, setup, wait_rolled, workload,
+    InvariantWatch, V2, WAIT, controller, controller_with, healthy_pods, node_version, nv_status,
+    set_image, settle_v1, setup, wait_rolled, workload,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -243,5 +243,43 @@ async fn the_controller_killed_ten_times_during_a_rollout_resumes_safely() -> Re
         bail!("{created} machines created for five replacements");
     }
     current.lock().await.abort();
+    Ok(())
+}
+
+/// The shipped operator's provider (`record-only`: it only writes
+/// PendingNodes) with the simulated cloud following those PendingNodes, as
+/// a Cluster API bridge would, and as the rollout benchmark drives the real
+/// binary: the pool rolls, machines come and go with their records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_only_operator_rolls_a_pool_whose_machines_follow_its_pending_nodes() -> Result<()>
+{
+    let env = setup(2, CloudConfig::default()).await?;
+    workload(&env, 2, 1).await?;
+    node_version(&env, 2, RolloutStrategy::default()).await?;
+    let follower = env.sim.follow_pending_nodes();
+    let ctl = controller_with(
+        &env,
+        Arc::new(confidential_controllers::provider::RecordOnly),
+        Metrics::new(),
+        "replica-a",
+    );
+    settle_v1(&env, 2).await?;
+    let watch = InvariantWatch::start(&env, 1, 2, V2);
+    set_image(&env, V2).await?;
+    let names = wait_rolled(&env, 2, V2).await?;
+    let violations = watch.finish().await?;
+    assert!(violations.is_empty(), "invariants violated: {violations:?}");
+    assert_eq!(env.sim.machines_created(), 2, "one machine per PendingNode");
+    // The machines of the deleted v1 nodes went with them.
+    let machines = eventually("old machines deleted", WAIT, || async {
+        let machines = env.sim.machines();
+        Ok((machines.len() == 2).then_some(machines))
+    })
+    .await?;
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(machines, expected);
+    follower.abort();
+    ctl.abort();
     Ok(())
 }

@@ -181,6 +181,38 @@ pub fn spki_pin(cert: &[u8]) -> Option<[u8; 32]> {
     Some(Sha256::digest(parsed.public_key().raw).into())
 }
 
+/// The server presented a key other than the pinned one. The handshake is
+/// aborted inside the certificate check, before the client sends any
+/// application data. [`AtlsError::pin_mismatch`] recovers it from a failed
+/// [`AtlsClient::connect`], so callers can name both pins.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "the server's key does not match the pinned key: expected pin {}, presented {}",
+    hex::encode(.expected),
+    .presented.map_or_else(|| "a certificate without a parsable key".to_owned(), hex::encode)
+)]
+pub struct PinMismatch {
+    /// The pin the client was configured with.
+    pub expected: [u8; 32],
+    /// SHA-256 of the presented SubjectPublicKeyInfo (`None`: unparsable).
+    pub presented: Option<[u8; 32]>,
+}
+
+impl AtlsError {
+    /// The pin mismatch that aborted this connection attempt, if that is
+    /// what happened.
+    pub fn pin_mismatch(&self) -> Option<&PinMismatch> {
+        let AtlsError::Io(io) = self else {
+            return None;
+        };
+        let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+        let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = tls else {
+            return None;
+        };
+        other.0.downcast_ref::<PinMismatch>()
+    }
+}
+
 #[derive(Debug)]
 struct AttestedServerVerifier {
     algorithms: WebPkiSupportedAlgorithms,
@@ -199,8 +231,11 @@ impl ServerCertVerifier for AttestedServerVerifier {
         match self.pin {
             None => Ok(ServerCertVerified::assertion()),
             Some(pin) if spki_pin(end_entity) == Some(pin) => Ok(ServerCertVerified::assertion()),
-            Some(_) => Err(rustls::Error::General(
-                "server key does not match the pinned key".into(),
+            Some(expected) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
+                    expected,
+                    presented: spki_pin(end_entity),
+                }))),
             )),
         }
     }
@@ -450,5 +485,42 @@ mod tests {
         .await
         .err();
         assert!(err.is_some(), "a mismatching pin must fail the handshake");
+    }
+
+    #[tokio::test]
+    async fn pin_mismatch_names_expected_and_presented_pins() {
+        provider();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let master = crate::kdf::MasterSecret::new(vec![7; 32], b"s".to_vec()).expect("ok");
+        let identity = GateIdentity::derive(&master).expect("derives");
+        let presented = identity.pin();
+        tokio::spawn(serve(
+            listener,
+            identity.server_config().expect("config"),
+            |_peer: AtlsPeer| {
+                service_fn(|_req| async { Ok(Response::new(Full::new(Bytes::new()))) })
+            },
+        ));
+        let err = AtlsClient::connect(
+            &addr.to_string(),
+            client_config(Some([1; 32])).expect("cfg"),
+        )
+        .await
+        .err()
+        .expect("a mismatching pin must fail the handshake");
+        let mismatch = err.pin_mismatch().expect("typed pin mismatch");
+        assert_eq!(mismatch.expected, [1; 32]);
+        assert_eq!(mismatch.presented, Some(presented));
+        let text = mismatch.to_string();
+        assert!(text.contains(&hex::encode([1u8; 32])), "{text}");
+        assert!(text.contains(&hex::encode(presented)), "{text}");
+        // The matching pin connects.
+        AtlsClient::connect(
+            &addr.to_string(),
+            client_config(Some(presented)).expect("cfg"),
+        )
+        .await
+        .expect("the pinned key connects");
     }
 }

@@ -40,12 +40,41 @@ pub enum Evidence {
     SevSnp(SnpEvidence),
 }
 
-impl Evidence {
-    /// The evidence kind as the AttestationPolicy names it.
-    pub fn kind(&self) -> &'static str {
+/// The kinds of evidence a verifier knows. A closed set: a policy cannot
+/// name a kind no verifier checks, and a match over kinds is exhaustive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EvidenceKind {
+    /// A TPM 2.0 quote.
+    Tpm,
+    /// An AMD SEV-SNP attestation report.
+    SevSnp,
+}
+
+impl EvidenceKind {
+    /// Every kind, for exhaustive tests and property generators.
+    pub const ALL: [EvidenceKind; 2] = [EvidenceKind::Tpm, EvidenceKind::SevSnp];
+
+    /// The kind's name on the wire and in metric labels (`tpm`, `sev-snp`).
+    pub fn name(self) -> &'static str {
         match self {
-            Evidence::Tpm(_) => "tpm",
-            Evidence::SevSnp(_) => "sev-snp",
+            EvidenceKind::Tpm => "tpm",
+            EvidenceKind::SevSnp => "sev-snp",
+        }
+    }
+}
+
+impl std::fmt::Display for EvidenceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Evidence {
+    /// The kind of this evidence.
+    pub fn kind(&self) -> EvidenceKind {
+        match self {
+            Evidence::Tpm(_) => EvidenceKind::Tpm,
+            Evidence::SevSnp(_) => EvidenceKind::SevSnp,
         }
     }
 }
@@ -104,5 +133,27 @@ mod tests {
         );
         let back: EvidenceEnvelope = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, env);
+    }
+
+    #[test]
+    fn kind_names_match_the_wire_tag() {
+        for kind in EvidenceKind::ALL {
+            let evidence = match kind {
+                EvidenceKind::Tpm => Evidence::Tpm(TpmEvidence {
+                    attest: vec![],
+                    signature: vec![],
+                    pcrs: BTreeMap::new(),
+                    ak_public: vec![],
+                    ek_certificate: vec![],
+                }),
+                EvidenceKind::SevSnp => Evidence::SevSnp(SnpEvidence {
+                    report: vec![],
+                    vcek: vec![],
+                }),
+            };
+            assert_eq!(evidence.kind(), kind);
+            let json = serde_json::to_value(&evidence).expect("serialises");
+            assert_eq!(json["kind"], kind.name());
+        }
     }
 }

@@ -16,4 +16,4 @@ pub mod tpm;
 pub mod verify;
 mod wire;
 
-pub use evidence::{Evidence, EvidenceEnvelope, SnpEvidence, TpmEvidence};
+pub use evidence::{Evidence, EvidenceEnvelope, EvidenceKind, SnpEvidence, TpmEvidence};

@@ -1,41 +1,140 @@
 //! Policy-level verification: evidence + the aTLS nonce + the cluster's trust
 //! roots + the image's expected measurements in, a verdict or a refusal with a
 //! stable reason out. Pure data in and out; the gate does the I/O around it.
+//!
+//! [`verify_evidence`] is the public entry point for every verifier (join and
+//! re-attestation). Its [`Verdict`] says what the evidence proves *by
+//! itself*. For a join that is not enough with TPM evidence: the quote proves
+//! the AK signed it, but only credential activation proves the AK lives in the
+//! TPM of the certified EK. That step is a typestate: [`Verdict::bind`] yields
+//! either a [`BoundVerdict`] (the evidence is signed by the hardware root
+//! itself, SEV-SNP) or a [`PendingActivation`] whose only way forward is
+//! [`PendingActivation::activate`] with the TPM's answer. Only a
+//! [`BoundVerdict`] carries what a caller needs to admit a node, so a caller
+//! cannot forget the activation.
 
 use std::collections::BTreeMap;
 
+use rand::RngCore;
 use thiserror::Error;
 
-use crate::evidence::{EVIDENCE_VERSION, Evidence, EvidenceEnvelope};
+use crate::evidence::{EVIDENCE_VERSION, Evidence, EvidenceEnvelope, EvidenceKind};
 use crate::measurements::{MeasurementError, Measurements};
 use crate::snp::{SnpError, SnpTrust, verify_snp};
-use crate::tpm::{TpmError, verify_quote};
+use crate::tpm::{Challenge, TpmError, make_credential, verify_quote};
 
 /// Trust roots and accepted evidence kinds (from the AttestationPolicy).
 #[derive(Debug, Clone, Default)]
 pub struct TrustPolicy {
-    /// Accepted kinds, as [`Evidence::kind`] names them.
-    pub evidence_kinds: Vec<String>,
+    /// Accepted kinds.
+    pub evidence_kinds: Vec<EvidenceKind>,
     /// DER certificates of the trusted EK CAs.
     pub ek_cas: Vec<Vec<u8>>,
     pub snp: Option<SnpTrust>,
 }
 
-/// What the verifier concluded about an accepted node.
+/// How the attesting key is tied to the hardware root of trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyBinding {
+    /// The evidence is signed by a key the hardware vendor certifies
+    /// directly (the SNP VCEK): nothing more to prove.
+    Hardware,
+    /// A TPM AK: bound to the certified EK only by credential activation.
+    Activation {
+        ak_name: Vec<u8>,
+        ek_public: Vec<u8>,
+    },
+}
+
+/// What the evidence proves about a node by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    pub kind: &'static str,
+    pub kind: EvidenceKind,
     /// Measured PCR values (TPM evidence).
     pub measured: BTreeMap<u8, [u8; 32]>,
     /// Stable identity of the attesting key: hex SHA-256 of the AK public area
     /// (TPM) or of the chip ID (SNP).
     pub identity: String,
-    /// For TPM evidence: the AK name and EK public key, for the credential
-    /// challenge that proves the AK lives next to the EK.
-    pub ak_name: Option<Vec<u8>>,
-    pub ek_public: Option<Vec<u8>>,
     /// warnOnly mismatches.
     pub warnings: Vec<String>,
+    binding: KeyBinding,
+}
+
+/// A verdict whose attesting key is proven to belong to the certified
+/// hardware: the only form from which a node may be admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundVerdict(Verdict);
+
+impl BoundVerdict {
+    pub fn verdict(&self) -> &Verdict {
+        &self.0
+    }
+}
+
+/// A TPM verdict waiting for the credential activation that proves its AK
+/// lives next to the certified EK. Keep it only as long as the channel the
+/// evidence was bound to.
+#[derive(Debug)]
+pub struct PendingActivation {
+    verdict: Verdict,
+    secret: [u8; 32],
+    challenge: Challenge,
+}
+
+/// The next step after [`Verdict::bind`].
+#[derive(Debug)]
+pub enum Binding {
+    Bound(BoundVerdict),
+    NeedsActivation(PendingActivation),
+}
+
+impl Verdict {
+    /// Starts binding the attesting key to the hardware root: SNP evidence
+    /// is bound already; TPM evidence gets a fresh credential challenge.
+    pub fn bind(self) -> Result<Binding, Refusal> {
+        let challenge = match &self.binding {
+            KeyBinding::Hardware => return Ok(Binding::Bound(BoundVerdict(self))),
+            KeyBinding::Activation { ak_name, ek_public } => {
+                let mut secret = [0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                (make_credential(ek_public, ak_name, &secret)?, secret)
+            }
+        };
+        let (challenge, secret) = challenge;
+        Ok(Binding::NeedsActivation(PendingActivation {
+            verdict: self,
+            secret,
+            challenge,
+        }))
+    }
+}
+
+impl PendingActivation {
+    /// What to send to the node for `TPM2_ActivateCredential`.
+    pub fn challenge(&self) -> &Challenge {
+        &self.challenge
+    }
+
+    /// What the evidence proved so far (not enough to admit the node).
+    pub fn verdict(&self) -> &Verdict {
+        &self.verdict
+    }
+
+    /// Checks the TPM's answer in constant time; the verdict is bound when it
+    /// is the secret the challenge carried.
+    pub fn activate(self, answer: &[u8]) -> Result<BoundVerdict, Refusal> {
+        let same = answer.len() == self.secret.len()
+            && answer
+                .iter()
+                .zip(self.secret.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(BoundVerdict(self.verdict))
+        } else {
+            Err(Refusal::ActivationFailed)
+        }
+    }
 }
 
 /// Why evidence was refused. [`Refusal::reason`] is a metric label.
@@ -44,15 +143,17 @@ pub enum Refusal {
     #[error("evidence version {0} is not supported (this verifier knows {EVIDENCE_VERSION})")]
     Version(u32),
     #[error("evidence kind {0} is not accepted by the AttestationPolicy")]
-    KindNotAccepted(&'static str),
+    KindNotAccepted(EvidenceKind),
     #[error("the AttestationPolicy has no trust roots for {0} evidence")]
-    NoTrustRoots(&'static str),
+    NoTrustRoots(EvidenceKind),
     #[error(transparent)]
     Tpm(#[from] TpmError),
     #[error(transparent)]
     Snp(#[from] SnpError),
     #[error("measurements: {0}")]
     Measurements(#[from] MeasurementError),
+    #[error("credential activation failed: the AK is not in the TPM of the certified EK")]
+    ActivationFailed,
 }
 
 impl Refusal {
@@ -65,11 +166,16 @@ impl Refusal {
             Refusal::Snp(e) => e.reason(),
             Refusal::Measurements(MeasurementError::Missing(_)) => "pcr-missing",
             Refusal::Measurements(_) => "pcr-mismatch",
+            Refusal::ActivationFailed => "activation-failed",
         }
     }
 }
 
 /// Verifies `envelope` bound to `nonce` against `policy` and `expected`.
+///
+/// The verdict proves what the evidence alone proves; a join must still
+/// [`Verdict::bind`] it. A re-attestation of a node whose AK was bound at
+/// join compares [`Verdict::identity`] with the recorded one instead.
 pub fn verify_evidence(
     envelope: &EvidenceEnvelope,
     nonce: &[u8; 32],
@@ -80,7 +186,7 @@ pub fn verify_evidence(
         return Err(Refusal::Version(envelope.version));
     }
     let kind = envelope.evidence.kind();
-    if !policy.evidence_kinds.iter().any(|k| k == kind) {
+    if !policy.evidence_kinds.contains(&kind) {
         return Err(Refusal::KindNotAccepted(kind));
     }
     match &envelope.evidence {
@@ -99,9 +205,11 @@ pub fn verify_evidence(
                 kind,
                 measured,
                 identity: quote.ak_fingerprint,
-                ak_name: Some(quote.ak_name),
-                ek_public: Some(quote.ek_public),
                 warnings,
+                binding: KeyBinding::Activation {
+                    ak_name: quote.ak_name,
+                    ek_public: quote.ek_public,
+                },
             })
         }
         Evidence::SevSnp(snp) => {
@@ -116,9 +224,8 @@ pub fn verify_evidence(
                 kind,
                 measured: BTreeMap::new(),
                 identity: hex::encode(sha2::Sha256::digest(report.chip_id)),
-                ak_name: None,
-                ek_public: None,
                 warnings,
+                binding: KeyBinding::Hardware,
             })
         }
     }
@@ -141,7 +248,7 @@ mod tests {
             .try_into()
             .expect("32 bytes");
         let policy = TrustPolicy {
-            evidence_kinds: vec!["tpm".into()],
+            evidence_kinds: vec![EvidenceKind::Tpm],
             ek_cas: parse_certificates(include_str!("../testdata/tpm/ek-ca.pem")).expect("CA"),
             snp: None,
         };
@@ -163,9 +270,9 @@ mod tests {
     fn matching_measurements_are_trusted() {
         let (env, policy, pcr4) = fixture();
         let v = verify_evidence(&env, &NONCE, &policy, &expect(4, pcr4, false)).expect("trusted");
-        assert_eq!(v.kind, "tpm");
+        assert_eq!(v.kind, EvidenceKind::Tpm);
         assert!(v.warnings.is_empty());
-        assert!(v.ak_name.is_some() && v.ek_public.is_some());
+        assert!(matches!(v.binding, KeyBinding::Activation { .. }));
     }
 
     #[test]
@@ -184,16 +291,16 @@ mod tests {
     fn policy_gates_kind_version_and_roots() {
         let (mut env, mut policy, pcr4) = fixture();
         let m = expect(4, pcr4, false);
-        policy.evidence_kinds = vec!["sev-snp".into()];
+        policy.evidence_kinds = vec![EvidenceKind::SevSnp];
         assert_eq!(
             verify_evidence(&env, &NONCE, &policy, &m).unwrap_err(),
-            Refusal::KindNotAccepted("tpm")
+            Refusal::KindNotAccepted(EvidenceKind::Tpm)
         );
-        policy.evidence_kinds = vec!["tpm".into()];
+        policy.evidence_kinds = vec![EvidenceKind::Tpm];
         let cas = std::mem::take(&mut policy.ek_cas);
         assert_eq!(
             verify_evidence(&env, &NONCE, &policy, &m).unwrap_err(),
-            Refusal::NoTrustRoots("tpm")
+            Refusal::NoTrustRoots(EvidenceKind::Tpm)
         );
         policy.ek_cas = cas;
         env.version = 2;
@@ -201,5 +308,51 @@ mod tests {
             verify_evidence(&env, &NONCE, &policy, &m).unwrap_err(),
             Refusal::Version(2)
         );
+    }
+
+    #[test]
+    fn tpm_verdict_is_bound_only_by_the_challenge_secret() {
+        let (env, policy, pcr4) = fixture();
+        let verdict =
+            verify_evidence(&env, &NONCE, &policy, &expect(4, pcr4, false)).expect("trusted");
+        let Binding::NeedsActivation(pending) = verdict.clone().bind().expect("challenge") else {
+            panic!("TPM evidence must need activation");
+        };
+        assert!(!pending.challenge().credential_blob.is_empty());
+        let secret = pending.secret;
+        // Wrong answers: other bytes, a prefix, an extension, nothing.
+        for wrong in [
+            vec![0u8; 32],
+            secret[..31].to_vec(),
+            [secret.as_slice(), &[0]].concat(),
+            Vec::new(),
+        ] {
+            let Binding::NeedsActivation(p) = verdict.clone().bind().expect("challenge") else {
+                panic!("TPM evidence must need activation");
+            };
+            assert_eq!(p.activate(&wrong).unwrap_err(), Refusal::ActivationFailed);
+        }
+        let bound = pending.activate(&secret).expect("the right secret binds");
+        assert_eq!(bound.verdict().identity, verdict.identity);
+        // Every challenge carries a fresh secret.
+        let Binding::NeedsActivation(again) = verdict.bind().expect("challenge") else {
+            panic!("TPM evidence must need activation");
+        };
+        assert_ne!(again.secret, secret);
+    }
+
+    #[test]
+    fn hardware_signed_verdict_is_bound_at_once() {
+        let verdict = Verdict {
+            kind: EvidenceKind::SevSnp,
+            measured: BTreeMap::new(),
+            identity: "chip".into(),
+            warnings: vec![],
+            binding: KeyBinding::Hardware,
+        };
+        let Binding::Bound(bound) = verdict.clone().bind().expect("bound") else {
+            panic!("SNP evidence needs no activation");
+        };
+        assert_eq!(bound.verdict(), &verdict);
     }
 }

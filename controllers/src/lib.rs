@@ -6,6 +6,7 @@
 //! (`confidential-testenv`), never here.
 
 pub mod csr;
+pub mod etcd;
 pub mod leader;
 pub mod metrics;
 pub mod operator;

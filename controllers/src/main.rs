@@ -3,11 +3,13 @@
 //! tracks pending machines, approves kubelet CSRs of attested nodes and
 //! replaces nodes whose attestation expired. Serves `/metrics` and `/healthz`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
+use confidential_controllers::etcd::{EtcdFlags, EtcdMembership, NO_ETCD_ACCESS};
 use confidential_controllers::metrics::Metrics;
 use confidential_controllers::operator::{self, Leadership};
 use confidential_controllers::provider::{Provider, RecordOnly};
@@ -42,6 +44,21 @@ struct Args {
     /// Requeue interval while a rollout runs, milliseconds.
     #[arg(long, default_value_t = 2000)]
     busy_requeue_ms: u64,
+    /// etcd client URLs (`https://host:2379`, comma-separated). With the
+    /// other --etcd-* flags the operator removes a control-plane donor's etcd
+    /// member (keeping quorum) before deleting it; without them it refuses to
+    /// roll control-plane pools.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) the etcd servers' certificates are verified with.
+    #[arg(long)]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd (kubeadm: apiserver-etcd-client.crt).
+    #[arg(long)]
+    etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(long)]
+    etcd_key_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -56,6 +73,21 @@ async fn main() -> Result<()> {
     {
         tracing::debug!("a rustls crypto provider was already installed");
     }
+    // Flag mistakes first, before any cluster access.
+    let etcd = EtcdFlags {
+        endpoints: args.etcd_endpoints.clone(),
+        ca_file: args.etcd_ca_file.clone(),
+        cert_file: args.etcd_cert_file.clone(),
+        key_file: args.etcd_key_file.clone(),
+    }
+    .load()
+    .context("etcd access (--etcd-* flags)")?
+    .map(|settings| EtcdMembership::new(&settings))
+    .transpose()
+    .context("etcd client")?;
+    if etcd.is_none() {
+        tracing::warn!("{NO_ETCD_ACCESS}; worker pools roll as usual");
+    }
     let mut config = kube::Config::infer()
         .await
         .context("loading Kubernetes configuration")?;
@@ -64,7 +96,9 @@ async fn main() -> Result<()> {
     let client = kube::Client::try_from(config).context("building Kubernetes client")?;
     let metrics = Metrics::new();
     let provider: Arc<dyn Provider> = match args.provider {
-        ProviderKind::RecordOnly => Arc::new(RecordOnly),
+        ProviderKind::RecordOnly => {
+            Arc::new(etcd.map_or_else(RecordOnly::new, RecordOnly::with_etcd))
+        }
     };
     let served = metrics.clone();
     let app = axum::Router::new()

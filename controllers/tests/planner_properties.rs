@@ -163,7 +163,14 @@ fn check_plan(desired: &Desired, obs: &Observed, actions: &[Action]) -> Result<(
                 );
                 prop_assert!(has_ready_heir(desired, obs, actions, node));
             }
-            Action::LeaveControlPlane { node } => left_control_plane.push(node.clone()),
+            Action::LeaveControlPlane { node } => {
+                // etcd (issue 9): a worker pool never leaves the control plane.
+                prop_assert!(
+                    desired.control_plane,
+                    "worker pool asked {node} to leave etcd"
+                );
+                left_control_plane.push(node.clone());
+            }
             _ => {}
         }
     }

@@ -148,6 +148,11 @@ impl Playground {
             &serde_json::json!({ "secret": hex::encode(secret), "salt": hex::encode(salt) })
                 .to_string(),
         )?;
+        // Nodes pin the key the gate derives from this master secret.
+        let gate_pin = confidential_attestation::atls::GateIdentity::derive(
+            &confidential_attestation::kdf::MasterSecret::new(secret.to_vec(), salt.to_vec())?,
+        )?
+        .pin();
         write(&d.join("cluster-ca.crt"), &control_plane.ca_pem)?;
         let (webhook_port, join_port) = (free_port()?, free_port()?);
         let mut gate = Command::new(confidential_testenv::workspace_binary(
@@ -254,6 +259,7 @@ impl Playground {
         let provider = Arc::new(SwtpmProvider::new(
             ca.clone(),
             vec![format!("127.0.0.1:{join_port}")],
+            gate_pin,
         ));
         let operator = tokio::spawn(confidential_controllers::operator::run(
             client.clone(),

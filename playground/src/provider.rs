@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL, image_label_value};
-use confidential_controllers::provider::{Machine, MachineRequest, Provider, ProviderError};
+use confidential_controllers::provider::{
+    Leave, LeaveRequest, Machine, MachineRequest, Provider, ProviderError,
+};
 use confidential_testenv::node::{Kubelet, KubeletOptions, NodeImage, SimulatedNode};
 use confidential_testenv::swtpm::SwtpmCa;
 use futures::future::BoxFuture;
@@ -32,6 +34,8 @@ struct Slot {
 pub struct SwtpmProvider {
     ca: Arc<SwtpmCa>,
     join_endpoints: Vec<String>,
+    /// The gate key every machine's launch configuration pins.
+    gate_pin: [u8; 32],
     slots: Mutex<BTreeMap<String, Slot>>,
 }
 
@@ -40,10 +44,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SwtpmProvider {
-    pub fn new(ca: Arc<SwtpmCa>, join_endpoints: Vec<String>) -> Self {
+    pub fn new(ca: Arc<SwtpmCa>, join_endpoints: Vec<String>, gate_pin: [u8; 32]) -> Self {
         Self {
             ca,
             join_endpoints,
+            gate_pin,
             slots: Mutex::new(BTreeMap::new()),
         }
     }
@@ -62,12 +67,14 @@ impl SwtpmProvider {
 async fn boot(
     ca: Arc<SwtpmCa>,
     endpoints: Vec<String>,
+    gate_pin: [u8; 32],
     request: MachineRequest,
 ) -> anyhow::Result<Running> {
     let image = NodeImage::new(&request.image);
     let name = request.name.clone();
     let node =
-        tokio::task::spawn_blocking(move || SimulatedNode::boot(&ca, &name, &image)).await??;
+        tokio::task::spawn_blocking(move || SimulatedNode::boot(&ca, &name, &image, gate_pin))
+            .await??;
     let outcome = node
         .run_bootstrapper(&endpoints, &["--pool", &request.pool])
         .await?;
@@ -121,8 +128,9 @@ impl Provider for SwtpmProvider {
                     request.clone(),
                     running.clone(),
                 );
+                let gate_pin = self.gate_pin;
                 async move {
-                    match boot(ca, endpoints, request.clone()).await {
+                    match boot(ca, endpoints, gate_pin, request.clone()).await {
                         Ok(machine) => {
                             tracing::info!(node = %request.name, image = %request.image, "machine joined");
                             *lock(&running) = Some(machine);
@@ -156,4 +164,19 @@ impl Provider for SwtpmProvider {
             Ok(())
         })
     }
+
+    fn control_plane_membership(&self) -> Result<(), String> {
+        Err(NO_CONTROL_PLANE_MACHINES.to_owned())
+    }
+
+    fn leave_control_plane<'a>(
+        &'a self,
+        _request: &'a LeaveRequest,
+    ) -> BoxFuture<'a, Result<Leave, ProviderError>> {
+        Box::pin(async { Err(ProviderError::Failed(NO_CONTROL_PLANE_MACHINES.to_owned())) })
+    }
 }
+
+/// The playground's control plane runs on the host, outside any pool: its
+/// machines are workers and run no etcd.
+const NO_CONTROL_PLANE_MACHINES: &str = "the playground's machines are workers and run no etcd: control-plane pools are not supported there";

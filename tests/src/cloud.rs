@@ -36,7 +36,9 @@ use confidential_api::{
     EvidenceKind, NodeAttestation, NodeAttestationSpec, NodeVersion, PendingGoal, PendingNode,
     PendingState, Verdict,
 };
-use confidential_controllers::provider::{Machine, MachineRequest, Provider, ProviderError};
+use confidential_controllers::provider::{
+    Leave, LeaveRequest, Machine, MachineRequest, Provider, ProviderError,
+};
 use futures::future::BoxFuture;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{Node, Secret};
@@ -441,4 +443,20 @@ impl Provider for SimulatedCloud {
             Ok(())
         })
     }
+
+    fn control_plane_membership(&self) -> Result<(), String> {
+        Err(CLOUD_RUNS_NO_ETCD.to_owned())
+    }
+
+    fn leave_control_plane<'a>(
+        &'a self,
+        _request: &'a LeaveRequest,
+    ) -> BoxFuture<'a, Result<Leave, ProviderError>> {
+        Box::pin(async { Err(ProviderError::Failed(CLOUD_RUNS_NO_ETCD.to_owned())) })
+    }
 }
+
+/// The simulated cloud's machines run no etcd, so it refuses control-plane
+/// pools (a test that rolls one wraps it with a real etcd per machine).
+const CLOUD_RUNS_NO_ETCD: &str =
+    "the simulated cloud runs no etcd: its machines cannot be control-plane members";

@@ -52,7 +52,8 @@ pub struct ControlPlane {
     pub startup: Duration,
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port free right now (a parallel test may take it first).
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -11,10 +11,12 @@
 pub mod binaries;
 pub mod cloud;
 pub mod controlplane;
+pub mod etcd;
 pub mod kubelet;
 pub mod node;
 pub mod pki;
 mod process;
+pub mod standin;
 pub mod swtpm;
 pub mod world;
 

@@ -9,7 +9,8 @@
 //! ```ignore
 //! let ca = SwtpmCa::new()?;
 //! let image = NodeImage::new("node-image:v1");
-//! let mut node = SimulatedNode::boot(&ca, "node-a", &image)?;
+//! let gate_pin = GateIdentity::derive(&master)?.pin(); // the gate it trusts
+//! let mut node = SimulatedNode::boot(&ca, "node-a", &image, gate_pin)?;
 //! let out = node.run_bootstrapper(&[gate_addr], &["--pool", "pool"]).await?;
 //! assert!(out.success);
 //! let kubelet = node.start_kubelet(|csr| approve(csr)).await?; // Node, heartbeats, pods
@@ -70,6 +71,9 @@ pub struct BootstrapOutcome {
 pub struct SimulatedNode {
     pub name: String,
     pub swtpm: Swtpm,
+    /// The gate key this machine's launch configuration pins
+    /// (`GateIdentity::pin`): its bootstrapper talks to no other server.
+    pub gate_pin: [u8; 32],
     dir: TempDir,
 }
 
@@ -87,12 +91,15 @@ pub fn bootstrapper_binary() -> Result<PathBuf> {
 impl SimulatedNode {
     /// Manufactures the machine's TPM (EK certificate from `ca`) and "boots"
     /// `image`: the firmware extends [`IMAGE_PCR`] with its components.
-    pub fn boot(ca: &SwtpmCa, name: &str, image: &NodeImage) -> Result<Self> {
+    /// `gate_pin` is the gate key its launch configuration pins
+    /// (`GateIdentity::derive(&master).pin()` of the gate it should join).
+    pub fn boot(ca: &SwtpmCa, name: &str, image: &NodeImage, gate_pin: [u8; 32]) -> Result<Self> {
         let swtpm = Swtpm::start(ca)?;
         swtpm.measure_boot(IMAGE_PCR, &image.components)?;
         Ok(Self {
             name: name.to_owned(),
             swtpm,
+            gate_pin,
             dir: tempfile::Builder::new().prefix("node-").tempdir()?,
         })
     }
@@ -106,34 +113,43 @@ impl SimulatedNode {
         self.dir.path().join("bootstrap-kubelet.kubeconfig")
     }
 
+    /// UUID of this machine's state disk, as its bootstrapper names it.
+    pub fn disk_uuid(&self) -> String {
+        format!("00000000-0000-4000-8000-{:012x}", std::process::id())
+    }
+
     pub fn disk_key_file(&self) -> PathBuf {
         self.dir.path().join("disk.key")
     }
 
-    /// The bootstrapper command line for this node: one join attempt, the
-    /// bootstrap kubeconfig for the kubelet stand-in, the disk key to a file.
+    /// The bootstrapper command line for this node: the pinned gate key, one
+    /// join attempt, the bootstrap kubeconfig for the kubelet stand-in, the
+    /// disk key to a file (unless `extra` names a `--state-device`). `extra`
+    /// may override `--gate-pin`.
     pub fn bootstrapper_command(&self, endpoints: &[String], extra: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(bootstrapper_binary()?);
         for e in endpoints {
             cmd.arg("--endpoint").arg(e);
+        }
+        if !extra.iter().any(|a| a.starts_with("--gate-pin")) {
+            cmd.arg("--gate-pin").arg(hex::encode(self.gate_pin));
         }
         cmd.arg("--node-name")
             .arg(&self.name)
             .arg("--tcti")
             .arg(self.swtpm.tcti())
             .arg("--disk-uuid")
-            .arg(format!(
-                "00000000-0000-4000-8000-{:012x}",
-                std::process::id()
-            ))
-            .arg("--disk-key-file")
-            .arg(self.disk_key_file())
+            .arg(self.disk_uuid())
             .arg("--kubelet-bootstrap-kubeconfig")
             .arg(self.bootstrap_kubeconfig())
             .arg("--ak-state")
             .arg(self.dir.path().join("ak.blob"))
             .arg("--max-attempts")
             .arg("1");
+        // A state device replaces the key file (the flags conflict).
+        if !extra.contains(&"--state-device") {
+            cmd.arg("--disk-key-file").arg(self.disk_key_file());
+        }
         if !extra.contains(&"--pcrs") {
             cmd.arg("--pcrs").arg(IMAGE_PCR.to_string());
         }

@@ -72,6 +72,28 @@ impl CertificateAuthority {
         self.issue(params)
     }
 
+    /// Issues a certificate for a server that is also a TLS client of its
+    /// peers with the same certificate (etcd peer and client URLs).
+    pub fn issue_peer(&self, common_name: &str, ips: &[IpAddr]) -> Result<CertifiedKey> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(common_name, None);
+        params.subject_alt_names.push(SanType::DnsName(
+            "localhost".try_into().context("invalid DNS name")?,
+        ));
+        for ip in ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(params)
+    }
+
     /// Issues a client certificate: Kubernetes reads the user from the common
     /// name and the groups from the organisations.
     pub fn issue_client(&self, user: &str, group: Option<&str>) -> Result<CertifiedKey> {

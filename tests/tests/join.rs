@@ -4,249 +4,47 @@
 //!
 //! One positive path, then every refusal on its own, each asserting the
 //! refusal reason and that nothing was created (no NodeAttestation written or
-//! changed, no bootstrap token Secret).
+//! changed, no bootstrap token Secret). The gaps an attacker review found
+//! (name ownership, disk keys, stale caches, unauthenticated callers) have
+//! their own suite, `join_gaps.rs`.
 
-use std::collections::BTreeMap;
+mod join_env;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use confidential_api::NodeAttestation;
 use confidential_api::keys::ANNOTATION_TOKEN_NODE_NAME;
-use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
 use confidential_attestation::atls::{self, AtlsClient, AtlsPeer, PURPOSE_JOIN};
-use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};
+use confidential_attestation::evidence::{Evidence, EvidenceEnvelope};
 use confidential_attestation::kdf::MasterSecret;
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
-use confidential_attestation::protocol::{
-    ActivateRequest, JoinChallenge, JoinRequest, PATH_ACTIVATE, PATH_JOIN, Refused,
-};
+use confidential_attestation::measurements::{MeasurementFile, Measurements};
+use confidential_attestation::protocol::{JoinRequest, PATH_JOIN};
 use confidential_attestation::tpm::issuer::{TpmIssuer, read_pcrs_blocking};
 use confidential_testenv::node::{IMAGE_PCR, NodeImage, SimulatedNode};
-use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
-use confidential_testenv::{TestCluster, crds_dir, eventually, install_crds, unique_name};
-use confidential_webhook::join::{Gate, GateConfig, serve};
+use confidential_testenv::swtpm::SwtpmCa;
+use confidential_testenv::{eventually, unique_name};
+use join_env::*;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Secret};
-use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use p256::pkcs8::EncodePublicKey;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-
-/// A cluster with CRDs, a policy trusting one image, a pool, and a gate.
-struct Env {
-    cluster: TestCluster,
-    ca: SwtpmCa,
-    gate: Arc<Gate>,
-    addr: String,
-    image: NodeImage,
-    pool: String,
-    master: MasterSecret,
-    server_task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.server_task.abort();
-    }
-}
-
-fn signing_key() -> p256::ecdsa::SigningKey {
-    p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
-}
-
-impl Env {
-    async fn start() -> Result<Self> {
-        Self::start_with(|_| {}).await
-    }
-
-    /// `tweak` may change the policy spec (JSON) before it is created.
-    async fn start_with(tweak: impl FnOnce(&mut serde_json::Value)) -> Result<Self> {
-        let cluster = TestCluster::start().await?;
-        let client = cluster.client.clone();
-        install_crds(&client, &crds_dir()).await?;
-        confidential_testenv::allow_node_bootstrap(&client).await?;
-
-        // The local EK CA materialises with the first manufactured TPM.
-        let ca = SwtpmCa::new()?;
-        drop(Swtpm::start(&ca)?);
-        let image = NodeImage::new(&unique_name("node-image"));
-        let key = signing_key();
-        let file = MeasurementFile {
-            image: image.name.clone(),
-            measurements: Measurements::new(BTreeMap::from([(
-                u8::try_from(IMAGE_PCR)?,
-                Expected {
-                    expected: image.expected_pcr(),
-                    warn_only: false,
-                },
-            )]))?,
-        };
-        let signature = file.sign(&key);
-        let public_pem = key
-            .verifying_key()
-            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let policy = unique_name("policy");
-        let pool = unique_name("pool");
-        let mut spec = json!({
-            "evidenceKinds": ["Tpm"],
-            "tpm": { "ekCaCertificates": [ca.issuer_pem()?] },
-            "publishers": [{ "name": "test-publisher", "publicKey": public_pem }],
-            "images": [{
-                "image": image.name,
-                "measurements": { IMAGE_PCR.to_string(): { "expected": hex::encode(image.expected_pcr()), "warnOnly": false } },
-                "publisher": "test-publisher",
-                "signature": signature,
-            }],
-            "reattestationInterval": "24h",
-        });
-        tweak(&mut spec);
-        let policy_obj: AttestationPolicy =
-            serde_json::from_value(json!({ "metadata": { "name": policy }, "spec": spec }))?;
-        Api::<AttestationPolicy>::all(client.clone())
-            .create(&PostParams::default(), &policy_obj)
-            .await?;
-        let version: NodeVersion = serde_json::from_value(json!({
-            "metadata": { "name": pool },
-            "spec": { "image": image.name, "kubernetesVersion": "v1.35.0", "replicas": 1 }
-        }))?;
-        Api::<NodeVersion>::all(client.clone())
-            .create(&PostParams::default(), &version)
-            .await?;
-
-        let cp = cluster
-            .control_plane
-            .as_ref()
-            .context("needs a private control plane")?;
-        let master = MasterSecret::new(vec![0x42; 32], b"test-salt".to_vec())?;
-        let gate = Arc::new(Gate::new(GateConfig {
-            client: client.clone(),
-            master: master.clone(),
-            api_server: cp.server.clone(),
-            ca_pem: cp.ca_pem.clone(),
-            policy: policy.clone(),
-            default_pool: pool.clone(),
-            token_ttl: Duration::from_secs(600),
-        })?);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
-        let g = gate.clone();
-        let server_task = tokio::spawn(async move {
-            let _ = serve(listener, g).await;
-        });
-        Ok(Self {
-            cluster,
-            ca,
-            gate,
-            addr,
-            image,
-            pool,
-            master,
-            server_task,
-        })
-    }
-
-    fn client(&self) -> Client {
-        self.cluster.client.clone()
-    }
-
-    /// Names of bootstrap token Secrets and NodeAttestations (with their AK).
-    async fn snapshot(&self) -> Result<(Vec<String>, Vec<(String, String)>)> {
-        let secrets = Api::<Secret>::namespaced(self.client(), "kube-system")
-            .list(&ListParams::default().fields("type=bootstrap.kubernetes.io/token"))
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|s| s.metadata.name)
-            .collect();
-        let atts = Api::<NodeAttestation>::all(self.client())
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .map(|a| (a.spec.node_name, a.spec.ak_fingerprint))
-            .collect();
-        Ok((secrets, atts))
-    }
-
-    fn boot(&self, name: &str) -> Result<SimulatedNode> {
-        SimulatedNode::boot(&self.ca, name, &self.image)
-    }
-}
-
-/// Approves a CSR as the test's stand-in for the controllers' approver.
-async fn approve(client: &Client, csr: &str) -> Result<()> {
-    let approval = json!({ "status": { "conditions": [{
-        "type": "Approved", "status": "True", "reason": "TestApproved", "message": "approved by the join test"
-    }]}});
-    Api::<CertificateSigningRequest>::all(client.clone())
-        .patch_approval(csr, &PatchParams::default(), &Patch::Merge(&approval))
-        .await?;
-    Ok(())
-}
-
-/// Joins through the library instead of the binary, with a hook to tamper
-/// with the evidence; activates the credential when challenged.
-async fn lib_join(
-    addr: &str,
-    issuer: &Arc<TpmIssuer>,
-    node_name: &str,
-    tamper: impl FnOnce(&mut TpmEvidence),
-) -> Result<(u16, Vec<u8>)> {
-    let mut client = AtlsClient::connect(addr, atls::client_config(None)?).await?;
-    let mut evidence = issuer
-        .quote(client.nonce(PURPOSE_JOIN), vec![IMAGE_PCR])
-        .await?;
-    tamper(&mut evidence);
-    let request = join_request(node_name, evidence);
-    let (status, body) = client
-        .post(PATH_JOIN, serde_json::to_vec(&request)?)
-        .await?;
-    if status.as_u16() != 202 {
-        return Ok((status.as_u16(), body.to_vec()));
-    }
-    let challenge: JoinChallenge = serde_json::from_slice(&body)?;
-    let credential = issuer
-        .activate_credential(challenge.challenge)
-        .await
-        .unwrap_or_else(|_| vec![0; 32]);
-    let (status, body) = client
-        .post(
-            PATH_ACTIVATE,
-            serde_json::to_vec(&ActivateRequest { credential })?,
-        )
-        .await?;
-    Ok((status.as_u16(), body.to_vec()))
-}
-
-fn join_request(node_name: &str, evidence: TpmEvidence) -> JoinRequest {
-    JoinRequest {
-        node_name: node_name.to_owned(),
-        disk_uuid: "5e1f0000-0000-4000-8000-000000000001".into(),
-        pool: None,
-        evidence: EvidenceEnvelope::new(Evidence::Tpm(evidence)),
-    }
-}
-
-fn reason(body: &[u8]) -> String {
-    serde_json::from_slice::<Refused>(body)
-        .map(|r| r.reason)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
-}
-
-fn assert_refused(status: u16, body: &[u8], expected: &str) {
-    assert_eq!(status, 403, "{}", String::from_utf8_lossy(body));
-    assert_eq!(reason(body), expected);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_node_joins_and_its_kubelet_gets_a_signed_certificate() -> Result<()> {
     let env = Env::start().await?;
+    // kubeadm init publishes cluster-info; kubeadm join's token discovery
+    // trusts it only with the bootstrap signer's JWS for the join token.
+    publish_cluster_info(&env).await?;
     let name = unique_name("node");
     let node = env.boot(&name)?;
+    // The node pins the gate by the pin `confidential-webhook gate-pin`
+    // prints for the cluster's master secret.
+    let pin = gate_pin_of(&env)?;
     let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &["--gate-pin", &pin])
         .await?;
     assert!(out.success, "bootstrapper failed:\n{}", out.log);
 
@@ -271,8 +69,52 @@ async fn trusted_node_joins_and_its_kubelet_gets_a_signed_certificate() -> Resul
             .get(ANNOTATION_TOKEN_NODE_NAME),
         Some(&name)
     );
-    // The state disk key is the HKDF derivation for the disk UUID.
-    assert_eq!(std::fs::read(node.disk_key_file())?.len(), 32);
+    // Exactly the usages kubeadm join needs: authentication (TLS bootstrap)
+    // and signing (token discovery of cluster-info).
+    let usages: Vec<String> = token
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("usage-"))
+        .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(&v.0)))
+        .collect();
+    assert_eq!(
+        usages,
+        [
+            "usage-bootstrap-authentication=true",
+            "usage-bootstrap-signing=true"
+        ]
+    );
+    let token_id = tokens[0]
+        .strip_prefix("bootstrap-token-")
+        .context("token Secret name")?
+        .to_owned();
+    let config_maps = Api::<ConfigMap>::namespaced(env.client(), "kube-public");
+    eventually(
+        "the bootstrap signer to sign cluster-info for the join token",
+        Duration::from_secs(90),
+        || {
+            let config_maps = config_maps.clone();
+            let key = format!("jws-kubeconfig-{token_id}");
+            async move {
+                let info = config_maps.get("cluster-info").await?;
+                Ok(info
+                    .data
+                    .unwrap_or_default()
+                    .contains_key(&key)
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    // The state disk key is the HKDF derivation for this machine's identity
+    // and the disk UUID recorded at its join.
+    let disk = att.spec.disk_uuid.clone().context("disk UUID recorded")?;
+    let expected_key = env
+        .master
+        .derive(&format!("disk-{}/{disk}", att.spec.ak_fingerprint), 32)?;
+    assert_eq!(std::fs::read(node.disk_key_file())?, expected_key);
     // The node extended PCR 15 with the cluster ID.
     let tcti = node.swtpm.tcti();
     let pcrs = tokio::task::spawn_blocking(move || read_pcrs_blocking(&tcti, &[15])).await??;
@@ -308,6 +150,7 @@ async fn wrong_pcr_is_refused() -> Result<()> {
         &env.ca,
         &unique_name("node"),
         &NodeImage::new("tampered-image"),
+        env.gate_pin()?,
     )?;
     let out = node
         .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
@@ -348,13 +191,18 @@ async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()>
     let env = Env::start().await?;
     let before = env.snapshot().await?;
     // The MITM terminates the node's aTLS and relays requests verbatim over
-    // its own aTLS connection to the gate.
+    // its own aTLS connection to the gate. A node pinning the real gate
+    // never talks to it (tests/tests/bootstrapper.rs); this node's launch
+    // configuration pins the MITM's key, so the gate's channel binding is
+    // the last defence and must hold on its own.
+    let mitm_identity =
+        atls::GateIdentity::derive(&MasterSecret::new(vec![0x66; 32], b"mitm".to_vec())?)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mitm_addr = listener.local_addr()?.to_string();
     let gate_addr = env.addr.clone();
     let mitm = tokio::spawn(atls::serve(
         listener,
-        atls::server_config()?,
+        mitm_identity.server_config()?,
         move |_peer: AtlsPeer| {
             let gate_addr = gate_addr.clone();
             let upstream = Arc::new(tokio::sync::Mutex::new(None::<AtlsClient>));
@@ -393,7 +241,12 @@ async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()>
             })
         },
     ));
-    let node = env.boot(&unique_name("node"))?;
+    let node = SimulatedNode::boot(
+        &env.ca,
+        &unique_name("node"),
+        &env.image,
+        mitm_identity.pin(),
+    )?;
     let out = node.run_bootstrapper(&[mitm_addr], &[]).await?;
     mitm.abort();
     assert!(!out.success, "a relayed join succeeded:\n{}", out.log);
@@ -407,7 +260,7 @@ async fn ek_not_certified_by_a_trusted_ca_is_refused() -> Result<()> {
     let env = Env::start().await?;
     let before = env.snapshot().await?;
     let rogue_ca = SwtpmCa::new()?;
-    let node = SimulatedNode::boot(&rogue_ca, &unique_name("node"), &env.image)?;
+    let node = SimulatedNode::boot(&rogue_ca, &unique_name("node"), &env.image, env.gate_pin()?)?;
     let out = node
         .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
         .await?;
@@ -637,6 +490,7 @@ async fn joined_node_attests_over_atls_and_rejoins_with_the_same_disk_key() -> R
     // new token.
     let disk_key = std::fs::read(node.disk_key_file())?;
     std::fs::remove_file(node.disk_key_file())?;
+    env.wait_cached(&name).await?;
     let before = env.snapshot().await?;
     let out = node
         .run_bootstrapper(std::slice::from_ref(&env.addr), &["--rejoin"])
@@ -706,7 +560,8 @@ async fn snp_report_with_bad_signature_or_low_tcb_is_refused() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_name_whose_node_is_gone_can_be_taken_by_a_new_machine() -> Result<()> {
+async fn a_name_stays_with_its_attested_machine_without_a_node_until_its_attestation_is_deleted()
+-> Result<()> {
     let env = Env::start().await?;
     let name = unique_name("node");
     let old = env.boot(&name)?;
@@ -715,14 +570,187 @@ async fn a_name_whose_node_is_gone_can_be_taken_by_a_new_machine() -> Result<()>
         .await?;
     assert!(out.success, "{}", out.log);
     let first = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
-    // The old machine never registered a Node (or it was deleted): its
-    // replacement may join under the name, and the attestation moves to it.
+    env.wait_cached(&name).await?;
+    // The old machine never registered a Node: the name is still its own.
+    assert!(
+        Api::<Node>::all(env.client())
+            .get_opt(&name)
+            .await?
+            .is_none()
+    );
+    let before = env.snapshot().await?;
     let new = env.boot(&name)?;
+    let out = new
+        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
+        .await?;
+    assert!(
+        !out.success,
+        "a second machine took an attested name:\n{}",
+        out.log
+    );
+    assert!(out.log.contains("name-taken"), "{}", out.log);
+    assert_eq!(env.snapshot().await?, before, "nothing written, no token");
+
+    // Releasing the name is the operator's or the admin's act: deleting the
+    // NodeAttestation. Then the replacement may join, and the name moves.
+    Api::<NodeAttestation>::all(env.client())
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    env.wait_cached(&name).await?;
     let out = new
         .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
         .await?;
     assert!(out.success, "{}", out.log);
     let second = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
     assert_ne!(first.spec.ak_fingerprint, second.spec.ak_fingerprint);
+    Ok(())
+}
+
+/// What `kubeadm init` publishes for token discovery: kube-public/cluster-info
+/// with a kubeconfig naming the API server and the cluster CA.
+async fn publish_cluster_info(env: &Env) -> Result<()> {
+    use base64::Engine as _;
+    let cp = env
+        .cluster
+        .control_plane
+        .as_ref()
+        .context("needs a private control plane")?;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    certificate-authority-data: {}\n    server: {}\ncontexts: []\nusers: []\n",
+        base64::engine::general_purpose::STANDARD.encode(&cp.ca_pem),
+        cp.server
+    );
+    let info: ConfigMap = serde_json::from_value(json!({
+        "metadata": { "name": "cluster-info", "namespace": "kube-public" },
+        "data": { "kubeconfig": kubeconfig },
+    }))?;
+    Api::<ConfigMap>::namespaced(env.client(), "kube-public")
+        .create(&PostParams::default(), &info)
+        .await?;
+    Ok(())
+}
+
+/// Runs `confidential-webhook gate-pin` for the Env's master secret.
+fn gate_pin_of(env: &Env) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("master.json");
+    // The Env's master secret: 32 bytes of 0x42, salt "test-salt".
+    std::fs::write(
+        &file,
+        json!({ "secret": "42".repeat(32), "salt": hex::encode(b"test-salt") }).to_string(),
+    )?;
+    let binary = confidential_testenv::workspace_binary(
+        "confidential-webhook",
+        "confidential-webhook",
+        "CONFIDENTIAL_WEBHOOK_BIN",
+    )?;
+    let out = std::process::Command::new(binary)
+        .arg("gate-pin")
+        .arg("--join-master-secret-file")
+        .arg(&file)
+        .output()?;
+    if !out.status.success() {
+        bail!("gate-pin failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let pin = String::from_utf8(out.stdout)?.trim().to_owned();
+    assert_eq!(
+        pin,
+        hex::encode(env.gate.pin()?),
+        "the pin of the identity the gate presents"
+    );
+    Ok(pin)
+}
+
+/// The state disk on a real join: a recorded `cryptsetup` first on the
+/// node's `PATH` (this machine's kernel has no device-mapper; real LUKS runs
+/// in the VM suite) is formatted once, when `isLuks` says "not LUKS", and
+/// opened with the key the gate derived for this disk, which arrives on
+/// stdin only; after a reboot the rejoined node opens it with the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_disk_is_formatted_once_and_opened_with_the_gates_disk_key() -> Result<()> {
+    use confidential_testenv::standin::Standin;
+
+    let env = Env::start().await?;
+    let node = env.boot(&unique_name("node"))?;
+    let device = node.dir().join("vdb");
+    std::fs::write(&device, b"")?;
+    let device_arg = device.display().to_string();
+    let run = |cryptsetup: &Standin, extra: &[&str]| -> Result<_> {
+        let mut args = vec!["--state-device", device_arg.as_str()];
+        args.extend(extra);
+        let mut cmd = node.bootstrapper_command(std::slice::from_ref(&env.addr), &args)?;
+        cmd.env("PATH", cryptsetup.path_env());
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        Ok(async move {
+            let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+                .await
+                .context("bootstrapper timed out")??;
+            anyhow::Ok(format!(
+                "{}{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    };
+
+    // A stale, world-readable kubeconfig from an earlier boot: the secret
+    // that replaces it is 0600 (as is the AK state).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(node.bootstrap_kubeconfig(), b"stale")?;
+    std::fs::set_permissions(
+        node.bootstrap_kubeconfig(),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    let mode = |path: std::path::PathBuf| -> Result<u32> {
+        Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
+    };
+
+    let blank = Standin::new("cryptsetup", &[("isLuks", 1)])?;
+    let log = run(&blank, &[])?.await?;
+    assert!(log.starts_with("exit status: 0"), "{log}");
+    assert!(std::fs::read_to_string(node.bootstrap_kubeconfig())?.contains("token: "));
+    assert_eq!(mode(node.bootstrap_kubeconfig())?, 0o600);
+    assert_eq!(mode(node.dir().join("ak.blob"))?, 0o600);
+    let calls = blank.calls()?;
+    let argv0: Vec<&str> = calls.iter().map(|c| c.argv[0].as_str()).collect();
+    assert_eq!(argv0, ["isLuks", "luksFormat", "open"], "{calls:?}");
+    // The key the gate derives for this machine's identity and its disk.
+    let att = Api::<NodeAttestation>::all(env.client())
+        .get(&node.name)
+        .await?;
+    let key = confidential_webhook::join::record::disk_key(
+        &env.master,
+        &att.spec.ak_fingerprint,
+        &node.disk_uuid(),
+    );
+    for call in &calls[1..] {
+        assert_eq!(call.stdin, key, "the gate's key for this disk, on stdin");
+        assert!(call.argv.contains(&device_arg), "{call:?}");
+        assert!(
+            !call.argv.iter().any(|a| a.contains(&hex::encode(key))),
+            "no key on argv: {call:?}"
+        );
+    }
+    assert!(
+        !node.disk_key_file().exists(),
+        "a state device gets no key file"
+    );
+
+    let formatted = Standin::new("cryptsetup", &[("isLuks", 0)])?;
+    let log = run(&formatted, &["--rejoin"])?.await?;
+    assert!(log.starts_with("exit status: 0"), "{log}");
+    let calls = formatted.calls()?;
+    let argv0: Vec<&str> = calls.iter().map(|c| c.argv[0].as_str()).collect();
+    assert_eq!(
+        argv0,
+        ["isLuks", "open"],
+        "a LUKS disk is never formatted again"
+    );
+    assert_eq!(
+        calls[1].stdin, key,
+        "the rejoined node gets the same disk key"
+    );
     Ok(())
 }

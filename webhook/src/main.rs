@@ -1,29 +1,83 @@
 //! `confidential-webhook`: the cluster's gate. Serves the validating admission
 //! endpoint, `/metrics` and health probes over TLS (see the library for the
-//! pieces); the attested join endpoint runs beside it in the same process.
+//! pieces); the attested join endpoint runs beside it in the same process,
+//! reading the same watch caches. `confidential-webhook gate-pin` prints the
+//! pin of the gate identity, for the install and node launch configurations.
+
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use confidential_webhook::join::{self, JoinArgs};
 use confidential_webhook::server::{self, WebhookArgs};
 
 /// The cluster's gate: admission webhook and attested join endpoint.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     webhook: WebhookArgs,
     #[command(flatten)]
-    join: confidential_webhook::join::JoinArgs,
+    join: JoinArgs,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", env = "CONFIDENTIAL_WEBHOOK_LOG_FORMAT")]
     log_format: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Prints the hex SHA-256 pin of the gate identity derived from the
+    /// master secret: what nodes pass as `--gate-pin`.
+    GatePin(GatePinArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GatePinArgs {
+    /// JSON file `{"secret": "<hex>", "salt": "<hex>"}`: the cluster master secret.
+    #[arg(
+        long = "join-master-secret-file",
+        env = "CONFIDENTIAL_JOIN_MASTER_SECRET_FILE"
+    )]
+    master_secret_file: PathBuf,
+}
+
+/// `confidential-webhook gate-pin ...` parsed on its own: clap would still
+/// demand the server's required flags next to a subcommand's own flags.
+#[derive(Parser, Debug)]
+#[command(name = "confidential-webhook gate-pin", version)]
+struct GatePinCli {
+    #[command(flatten)]
+    args: GatePinArgs,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    // rustls needs its crypto provider chosen before any TLS config is built.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "gate-pin") {
+        let pin = GatePinCli::parse_from(&argv[1..]);
+        println!("{}", join::gate_pin(&pin.args.master_secret_file)?);
+        return Ok(());
+    }
     let cli = Cli::parse();
+    if let Some(Command::GatePin(args)) = &cli.command {
+        println!("{}", join::gate_pin(&args.master_secret_file)?);
+        return Ok(());
+    }
+    // rustls needs its crypto provider chosen before any TLS config is built;
+    // an error only means another one was installed first.
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if cli.log_format == "json" {
@@ -37,11 +91,12 @@ async fn main() -> Result<()> {
     if cli.join.join_listen.is_none() {
         return server::run(cli.webhook).await;
     }
-    // Admission and join share one client (and `--kubeconfig`); if either
-    // listener stops, the process exits so its supervisor restarts it.
+    // Admission and join share one client (and `--kubeconfig`) and one set
+    // of watch caches; if either listener stops, the process exits so its
+    // supervisor restarts it.
     let client = server::client(cli.webhook.kubeconfig.as_deref()).await?;
-    let (_webhook, running) = server::start(client.clone(), &cli.webhook).await?;
-    let join = tokio::spawn(confidential_webhook::join::run(cli.join, client));
+    let (webhook, running) = server::start(client.clone(), &cli.webhook).await?;
+    let join = tokio::spawn(join::run(cli.join, client, webhook.stores.clone()));
     tokio::select! {
         served = running.task => served.context("server task")?.context("serving HTTPS"),
         joined = join => {

@@ -4,6 +4,15 @@
 //! `confidential_attestation::measurements`; this module only finds the entry,
 //! builds the measurement file and caches the verdict per policy
 //! resourceVersion so a Node review does not verify ECDSA every time.
+//!
+//! This is the one image-trust check of the gate: Node and NodeVersion
+//! admission and the attested join all call [`TrustCache::image_trust`], so an
+//! image trusted for one is trusted for the others by the same rules (every
+//! entry listing the image is tried; the first that verifies wins).
+//!
+//! The cache key names the *entry* (policy, resourceVersion, position in
+//! `spec.images`), not the image: one image may have entries from several
+//! publishers, and one entry's verdict must never answer for another's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,9 +64,15 @@ pub fn verify_entry(
     Ok(file.measurements)
 }
 
-type CacheKey = (String, String, String);
+/// One entry of one version of one policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    policy: String,
+    resource_version: String,
+    entry: usize,
+}
 
-/// Cache of entry verdicts keyed by (policy name, resourceVersion, image).
+/// Cache of entry verdicts keyed by (policy name, resourceVersion, entry).
 #[derive(Debug, Default, Clone)]
 pub struct TrustCache {
     inner: Arc<Mutex<HashMap<CacheKey, Result<Measurements, String>>>>,
@@ -71,8 +86,14 @@ impl TrustCache {
         let mut reasons = Vec::new();
         for policy in policies {
             let name = policy.metadata.name.clone().unwrap_or_default();
-            for entry in policy.spec.images.iter().filter(|e| e.image == image) {
-                match self.verdict(policy, entry) {
+            let listing = policy
+                .spec
+                .images
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.image == image);
+            for (index, entry) in listing {
+                match self.verdict(policy, index, entry) {
                     Ok(measurements) => {
                         return ImageTrust::Trusted {
                             policy: name,
@@ -93,10 +114,15 @@ impl TrustCache {
     fn verdict(
         &self,
         policy: &AttestationPolicy,
+        index: usize,
         entry: &MeasuredImage,
     ) -> Result<Measurements, String> {
         let key = match (&policy.metadata.name, &policy.metadata.resource_version) {
-            (Some(name), Some(rv)) => Some((name.clone(), rv.clone(), entry.image.clone())),
+            (Some(name), Some(rv)) => Some(CacheKey {
+                policy: name.clone(),
+                resource_version: rv.clone(),
+                entry: index,
+            }),
             _ => None,
         };
         if let Some(key) = &key
@@ -115,5 +141,98 @@ impl TrustCache {
             cache.insert(key, verdict.clone());
         }
         verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::fixtures::{IMAGE, public_pem, signed_entry, signing_key};
+    use confidential_api::AttestationPolicySpec;
+
+    /// Publishers `acme` (key seed 1) and `other` (key seed 2).
+    fn policy(entries: Vec<MeasuredImage>, rv: &str) -> Arc<AttestationPolicy> {
+        let mut p = AttestationPolicy::new(
+            "default",
+            AttestationPolicySpec {
+                publishers: vec![
+                    PublisherKey {
+                        name: "acme".into(),
+                        public_key: public_pem(&signing_key(1)),
+                    },
+                    PublisherKey {
+                        name: "other".into(),
+                        public_key: public_pem(&signing_key(2)),
+                    },
+                ],
+                images: entries,
+                ..Default::default()
+            },
+        );
+        p.metadata.resource_version = Some(rv.to_owned());
+        Arc::new(p)
+    }
+
+    /// `IMAGE` signed by acme, and the same entry claiming publisher `other`
+    /// (whose key did not sign it) with another PCR 4 value.
+    fn valid_and_forged() -> (MeasuredImage, MeasuredImage) {
+        let valid = signed_entry(IMAGE, &signing_key(1));
+        let mut forged = valid.clone();
+        forged.publisher = "other".into();
+        if let Some(m) = forged.measurements.get_mut("4") {
+            m.expected = "00".repeat(32);
+        }
+        (valid, forged)
+    }
+
+    /// One image, two entries from two publishers: one entry's verdict must
+    /// not answer for the other's, in either order, on the first lookup and
+    /// on cached ones.
+    #[test]
+    fn entries_of_one_image_from_two_publishers_do_not_share_a_cache_slot() {
+        let (valid, forged) = valid_and_forged();
+        let publishers = policy(vec![], "0").spec.publishers.clone();
+        let expected = verify_entry(&publishers, &valid).expect("valid entry");
+        for entries in [
+            vec![forged.clone(), valid.clone()],
+            vec![valid.clone(), forged.clone()],
+        ] {
+            let cache = TrustCache::default();
+            let p = policy(entries, "7");
+            for lookup in 0..3 {
+                match cache.image_trust(IMAGE, std::slice::from_ref(&p)) {
+                    ImageTrust::Trusted { measurements, .. } => {
+                        assert_eq!(measurements, expected, "lookup {lookup}");
+                    }
+                    other => panic!("lookup {lookup}: the valid entry must be found: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_policy_version_is_verified_again() {
+        let (valid, forged) = valid_and_forged();
+        let cache = TrustCache::default();
+        assert!(matches!(
+            cache.image_trust(IMAGE, &[policy(vec![valid], "7")]),
+            ImageTrust::Trusted { .. }
+        ));
+        assert!(
+            matches!(
+                cache.image_trust(IMAGE, &[policy(vec![forged], "8")]),
+                ImageTrust::Untrusted(_)
+            ),
+            "the verdict of version 7 answered for version 8"
+        );
+    }
+
+    #[test]
+    fn unlisted_image_is_not_listed() {
+        let (valid, _) = valid_and_forged();
+        assert_eq!(
+            TrustCache::default().image_trust("other-image", &[policy(vec![valid], "1")]),
+            ImageTrust::NotListed
+        );
     }
 }

@@ -194,6 +194,12 @@ pub enum Blocked {
     DrainTimeout { node: String, pods: Vec<String> },
     /// Pods that policy forbids evicting (emptyDir / unmanaged without opt-in).
     PodsNotEvictable { node: String, pods: Vec<String> },
+    /// etcd (issue 9): a control-plane pool may not change because the
+    /// operator cannot take its machines out of etcd (what is missing).
+    EtcdUnavailable { reason: String },
+    /// etcd (issue 9): a control-plane donor waits to leave etcd (its heir's
+    /// member has not joined, or quorum is at risk).
+    EtcdQuorumWait { node: String, reason: String },
 }
 
 /// A node's place in the rollout.

@@ -21,7 +21,7 @@ use super::node_apply::{NodeChange, apply_body, changed, current_intent};
 use super::{Context, Error};
 use crate::metrics::{Outcome, Pool};
 use crate::planner::{Action, Desired, Seconds};
-use crate::provider::MachineRequest;
+use crate::provider::{Leave, LeaveRequest, MachineRequest};
 
 /// One action for one pool.
 pub struct Step<'a> {
@@ -84,9 +84,7 @@ impl Step<'_> {
                 namespace,
                 pod,
             } => return self.evict(node, namespace, pod).await,
-            Action::LeaveControlPlane { node } => {
-                self.ctx.provider.leave_control_plane(node).await?;
-            }
+            Action::LeaveControlPlane { node } => self.leave_control_plane(node).await?,
             Action::DeleteMachine { name } => self.ctx.provider.delete_machine(name).await?,
             Action::DeleteNode { node } => self.delete_node(node).await?,
             Action::MarkFailed { name, reason } => self.mark_failed(name, reason).await?,
@@ -337,6 +335,39 @@ impl Step<'_> {
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// etcd (issue 9): the donor leaves etcd before its machine and Node go;
+    /// while that would cost quorum, the rest of its group waits.
+    async fn leave_control_plane(&self, node: &str) -> Result<(), Error> {
+        let request = LeaveRequest {
+            node: node.to_owned(),
+            pool: self.desired.pool.clone(),
+            replicas: self.desired.replicas,
+        };
+        if let Leave::Wait(reason) = self.ctx.provider.leave_control_plane(&request).await? {
+            publish(
+                self.ctx,
+                &node_ref(node),
+                true,
+                "EtcdRemovalWaiting",
+                "LeaveControlPlane",
+                reason.clone(),
+            );
+            return Err(Error::LeaveWaits {
+                node: node.to_owned(),
+                reason,
+            });
+        }
+        publish(
+            self.ctx,
+            &self.pool_ref(),
+            false,
+            "LeftEtcd",
+            "LeaveControlPlane",
+            format!("{node} left etcd"),
+        );
+        Ok(())
     }
 
     async fn delete_node(&self, node: &str) -> Result<(), Error> {

@@ -47,6 +47,10 @@ pub enum Error {
     Provider(#[from] ProviderError),
     #[error("invalid NodeVersion {name}: {reason}")]
     Invalid { name: String, reason: String },
+    /// etcd (issue 9): the donor may not leave etcd yet; the rest of its
+    /// actions wait (caught per action group, never fails a reconcile).
+    #[error("{node} waits to leave etcd: {reason}")]
+    LeaveWaits { node: String, reason: String },
 }
 
 /// Tunables of the reconciler.
@@ -124,8 +128,14 @@ pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeu
     let desired = desired_of(&nv, &ctx.settings)?;
     let observed = observe::observe(&ctx.client, &ctx.stores, &desired).await?;
     let actions = planner::plan(&desired, &observed);
-    let (status, groups) = group_actions(&actions);
-    let refused: Vec<Vec<String>> = futures::stream::iter(groups)
+    // etcd (issue 9): a control-plane pool does not roll without etcd access.
+    let actions = crate::etcd::hold_without_membership(
+        &desired,
+        ctx.provider.control_plane_membership(),
+        actions,
+    );
+    let (mut status, groups) = group_actions(&actions);
+    let executed: Vec<(Vec<String>, Vec<planner::Blocked>)> = futures::stream::iter(groups)
         .map(|group| {
             let (ctx, nv, desired) = (ctx.clone(), nv.clone(), desired.clone());
             async move {
@@ -135,15 +145,26 @@ pub async fn reconcile(nv: Arc<NodeVersion>, ctx: Arc<Context>) -> Result<Requeu
                     desired: &desired,
                 };
                 let mut refused = Vec::new();
+                let mut waiting = Vec::new();
                 for action in &group {
-                    refused.extend(step.execute(action).await?);
+                    match step.execute(action).await {
+                        Ok(pod) => refused.extend(pod),
+                        // etcd (issue 9): the donor keeps its machine and Node.
+                        Err(Error::LeaveWaits { node, reason }) => {
+                            waiting.push(planner::Blocked::EtcdQuorumWait { node, reason });
+                            break;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
-                Ok::<_, Error>(refused)
+                Ok::<_, Error>((refused, waiting))
             }
         })
         .buffer_unordered(16)
         .try_collect()
         .await?;
+    let (refused, waiting): (Vec<_>, Vec<_>) = executed.into_iter().unzip();
+    status.blocked.extend(waiting.into_iter().flatten());
     let refused: Vec<String> = refused.into_iter().flatten().collect();
     status::write_status(&ctx, &nv, &status, &refused).await?;
     await_own_writes(&ctx.stores, &actions).await;

@@ -50,6 +50,17 @@ pub fn blocked_message(blocked: &[Blocked]) -> (String, String) {
                     pods.join(", ")
                 ));
             }
+            // etcd (issue 9)
+            Blocked::EtcdUnavailable { reason: why } => {
+                reason = "EtcdUnavailable".into();
+                parts.push(why.clone());
+            }
+            Blocked::EtcdQuorumWait { node, reason: why } => {
+                if reason.is_empty() {
+                    reason = "EtcdQuorumWait".into();
+                }
+                parts.push(format!("{node} stays until it can leave etcd: {why}"));
+            }
         }
     }
     (reason, parts.join("; "))

@@ -259,7 +259,7 @@ async fn a_record_only_operator_rolls_a_pool_whose_machines_follow_its_pending_n
     let follower = env.sim.follow_pending_nodes();
     let ctl = controller_with(
         &env,
-        Arc::new(confidential_controllers::provider::RecordOnly),
+        Arc::new(confidential_controllers::provider::RecordOnly::new()),
         Metrics::new(),
         "replica-a",
     );

@@ -40,6 +40,11 @@ pub const BOOTSTRAP_TOKEN_GROUP: &str = "system:bootstrappers:confidential:attes
 pub const KUBEADM_AUTOAPPROVE_GROUP: &str = "system:bootstrappers:kubeadm:default-node-token";
 /// Annotation on a PendingNode: the donor Node its machine replaces.
 pub const ANNOTATION_PENDING_DONOR: &str = "confidential.dev/donor";
+/// Taint (effect `NoExecute`) the operator puts on a node whose
+/// NodeAttestation expired or failed (verdict not trusted): pods that do not
+/// tolerate it leave at once, nothing new is scheduled there, and the node is
+/// cordoned, drained and replaced. A node once revoked stays revoked.
+pub const TAINT_UNATTESTED: &str = "confidential.dev/unattested";
 /// Annotation on a Node: when its drain started (RFC 3339), set with the cordon.
 pub const ANNOTATION_DRAIN_STARTED: &str = "confidential.dev/drain-started";
 

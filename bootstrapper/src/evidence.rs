@@ -170,7 +170,7 @@ mod tests {
     fn trust() -> TrustPolicy {
         let read = |f: &str| std::fs::read(format!("{SNP}/{f}")).expect("sample file");
         TrustPolicy {
-            evidence_kinds: vec!["sev-snp".into()],
+            evidence_kinds: vec![confidential_attestation::evidence::EvidenceKind::SevSnp],
             ek_cas: Vec::new(),
             snp: Some(SnpTrust {
                 ark_pem: read("ark_milan.pem"),

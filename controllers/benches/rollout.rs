@@ -1,11 +1,16 @@
 //! Rollout benchmark on the real control plane of the test environment.
 //!
 //! For each pool size and surge it starts a fresh control plane, boots a pool
-//! of simulated nodes at image v1 running one pod per node, starts the real
-//! `confidential-controllers` binary as a separate process (with its
-//! simulated provider and the injected join and drain delays), changes the
-//! image to v2 and measures the wall time until every node is replaced,
-//! against the theoretical minimum `ceil(N / surge) * (join + drain)`. It
+//! of machines of the test environment's simulated cloud at image v1 (kubelet
+//! stand-ins after TLS bootstrap) running one pod per node, starts the real
+//! `confidential-controllers` binary as a separate process with
+//! `--provider record-only` (the simulated cloud follows the PendingNodes it
+//! writes, as a Cluster API bridge would, with the injected join and pod
+//! termination delays), changes the image to v2 and measures the wall time
+//! until every node is replaced, against the theoretical minimum
+//! `ceil(N / surge) * (join + drain)`. Each join also pays a real TLS
+//! bootstrap (CSR approved by the operator, signed by the controller-manager).
+//! It
 //! samples the controller process's CPU time and resident memory during the
 //! roll. Finally it measures the controller's memory with 1,000 Nodes and
 //! NodeAttestations in the cluster.
@@ -27,7 +32,7 @@ use confidential_api::{
     RolloutStrategy, Verdict,
 };
 use confidential_controllers::provider::MachineRequest;
-use confidential_controllers::sim_provider::{SimConfig, SimProvider};
+use confidential_testenv::cloud::{CloudConfig, SimulatedCloud};
 use confidential_testenv::{TestCluster, client_from_kubeconfig, eventually, install_crds};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -149,14 +154,16 @@ async fn rollout(n: usize, surge: IntOrString, join_ms: u64, drain_ms: u64) -> R
     create_namespace(&client, confidential_api::keys::NAMESPACE).await?;
     create_namespace(&client, "bench").await?;
     let pool = "bench".to_owned();
-    let sim = SimProvider::new(
+    let sim = SimulatedCloud::new(
         client.clone(),
-        SimConfig {
-            drain_delay: Duration::from_millis(drain_ms),
-            ..SimConfig::default()
+        &cluster.kubeconfig,
+        CloudConfig {
+            join_delay: Duration::from_millis(join_ms),
+            pod_termination: Duration::from_millis(drain_ms),
+            ..CloudConfig::default()
         },
-    );
-    let kubelets = sim.spawn_kubelets();
+    )
+    .await?;
     futures::stream::iter(0..n)
         .map(|i| {
             let sim = sim.clone();
@@ -172,9 +179,10 @@ async fn rollout(n: usize, surge: IntOrString, join_ms: u64, drain_ms: u64) -> R
                 .await
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(8)
         .try_collect::<Vec<()>>()
         .await?;
+    let follower = sim.follow_pending_nodes();
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(client.clone(), "bench");
     deployments
@@ -222,9 +230,7 @@ async fn rollout(n: usize, surge: IntOrString, join_ms: u64, drain_ms: u64) -> R
     let controller = ControllerProcess::start(
         &cluster.kubeconfig,
         &[
-            "--provider=sim".into(),
-            format!("--sim-join-delay-ms={join_ms}"),
-            format!("--sim-drain-delay-ms={drain_ms}"),
+            "--provider=record-only".into(),
             "--busy-requeue-ms=500".into(),
         ],
     )?;
@@ -257,7 +263,8 @@ async fn rollout(n: usize, surge: IntOrString, join_ms: u64, drain_ms: u64) -> R
     let wall = started.elapsed().as_secs_f64();
     let (_, hwm, cpu_after) = controller.sample().unwrap_or_default();
     controller.stop().await;
-    kubelets.abort();
+    follower.abort();
+    drop(sim);
     let waves = n.div_ceil(surge_nodes);
     let minimum = waves as f64 * (join_ms + drain_ms) as f64 / 1000.0;
     let surge_text = match &surge {

@@ -383,6 +383,7 @@ impl EtcdMembership {
 fn replaces_machines(action: &Action) -> bool {
     match action {
         Action::CreateMachine { .. }
+        | Action::EnsureMachine { .. }
         | Action::PairHeir { .. }
         | Action::Cordon {
             start_drain: true, ..
@@ -396,6 +397,7 @@ fn replaces_machines(action: &Action) -> bool {
         Action::Cordon {
             start_drain: false, ..
         }
+        | Action::Revoke { .. }
         | Action::CopyLabels { .. }
         | Action::ForgetPending { .. }
         | Action::UpdateStatus(_) => false,

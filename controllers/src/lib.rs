@@ -1,7 +1,9 @@
 //! The node operator of kubectl-confidential as a library: the pure rollout
-//! planner, a simulated world for testing and benchmarking it, and (at the
-//! edges) the executor, reconciler, providers and CSR approver that talk to
-//! the Kubernetes API. The `confidential-controllers` binary wires them up.
+//! planner and, at the edges, the reconciler, the machine providers, the
+//! kubelet CSR approver and leader election that talk to the Kubernetes API.
+//! The `confidential-controllers` binary wires them up. Simulated machines
+//! and the simulated world of the tests live in the test environment
+//! (`confidential-testenv`), never here.
 
 pub mod csr;
 pub mod etcd;
@@ -11,5 +13,3 @@ pub mod operator;
 pub mod planner;
 pub mod provider;
 pub mod reconciler;
-pub mod sim;
-pub mod sim_provider;

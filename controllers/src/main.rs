@@ -14,14 +14,12 @@ use confidential_controllers::metrics::Metrics;
 use confidential_controllers::operator::{self, Leadership};
 use confidential_controllers::provider::{Provider, RecordOnly};
 use confidential_controllers::reconciler::Settings;
-use confidential_controllers::sim_provider::{SimConfig, SimProvider};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ProviderKind {
-    /// Only record PendingNodes; machines are created outside.
+    /// Only record PendingNodes; machines are created outside (an admin, a
+    /// Cluster API or autoscaler bridge watching PendingNodes).
     RecordOnly,
-    /// The simulated cloud of the test environment (playground only).
-    Sim,
 }
 
 /// Node operator for confidential clusters.
@@ -46,12 +44,6 @@ struct Args {
     /// Requeue interval while a rollout runs, milliseconds.
     #[arg(long, default_value_t = 2000)]
     busy_requeue_ms: u64,
-    /// Simulated provider: join delay of new machines, milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    sim_join_delay_ms: u64,
-    /// Simulated provider: time a deleted pod takes to terminate, milliseconds.
-    #[arg(long, default_value_t = 200)]
-    sim_drain_delay_ms: u64,
     /// etcd client URLs (`https://host:2379`, comma-separated). With the
     /// other --etcd-* flags the operator removes a control-plane donor's etcd
     /// member (keeping quorum) before deleting it; without them it refuses to
@@ -75,7 +67,12 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
     // Flag mistakes first, before any cluster access.
     let etcd = EtcdFlags {
         endpoints: args.etcd_endpoints.clone(),
@@ -101,16 +98,6 @@ async fn main() -> Result<()> {
     let provider: Arc<dyn Provider> = match args.provider {
         ProviderKind::RecordOnly => {
             Arc::new(etcd.map_or_else(RecordOnly::new, RecordOnly::with_etcd))
-        }
-        ProviderKind::Sim => {
-            let config = SimConfig {
-                join_delay: Duration::from_millis(args.sim_join_delay_ms),
-                drain_delay: Duration::from_millis(args.sim_drain_delay_ms),
-                ..SimConfig::default()
-            };
-            let sim = SimProvider::new(client.clone(), config);
-            let _kubelets = sim.spawn_kubelets();
-            Arc::new(sim)
         }
     };
     let served = metrics.clone();

@@ -10,7 +10,7 @@ use kube::Client;
 use crate::leader::LeaderElector;
 use crate::metrics::Metrics;
 use crate::provider::Provider;
-use crate::reconciler::{self, Context, Settings};
+use crate::reconciler::{self, Settings};
 
 /// Where the leader Lease lives.
 #[derive(Clone, Debug)]
@@ -42,9 +42,11 @@ pub async fn run(
         elector.acquire().await;
         tracing::info!("acquired leadership");
     }
-    let ctx = Context::new(client.clone(), provider, metrics.clone(), settings);
     let work = async {
-        tokio::join!(reconciler::run(ctx), crate::csr::run(client, metrics));
+        tokio::join!(
+            reconciler::run(client.clone(), provider, metrics.clone(), settings),
+            crate::csr::run(client, metrics)
+        );
     };
     match &elector {
         Some(elector) => {

@@ -56,8 +56,8 @@ pub struct Machine {
     pub provider_id: String,
 }
 
-/// Creates, deletes and lists machines. Object-safe so the controller can
-/// hold `Arc<dyn Provider>`.
+/// Creates and deletes machines. Object-safe so the controller can hold
+/// `Arc<dyn Provider>`.
 pub trait Provider: Send + Sync + 'static {
     /// Creates the machine (or returns the existing one of that name).
     fn create_machine<'a>(
@@ -66,11 +66,6 @@ pub trait Provider: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Machine, ProviderError>>;
     /// Deletes the machine; deleting a missing machine succeeds.
     fn delete_machine<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
-    /// Lists the machines of a pool.
-    fn list_machines<'a>(
-        &'a self,
-        pool: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>>;
     /// Whether this provider can take control-plane machines out of etcd;
     /// `Err` says what is missing. A control-plane pool changes nothing
     /// while it fails (the operator never strands an etcd member).
@@ -137,13 +132,6 @@ impl Provider for RecordOnly {
 
     fn delete_machine<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async { Ok(()) })
-    }
-
-    fn list_machines<'a>(
-        &'a self,
-        _pool: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>> {
-        Box::pin(async { Ok(Vec::new()) })
     }
 
     fn control_plane_membership(&self) -> Result<(), String> {

@@ -92,7 +92,8 @@ async fn boot(
             ),
         ]),
         kubelet_version: request.kubernetes_version.clone(),
-        ..Default::default()
+        provider_id: Some(format!("swtpm://{}", request.name)),
+        ..KubeletOptions::default()
     };
     let kubelet = node
         .start_kubelet_with(&options, |_csr| async { Ok(()) })
@@ -161,19 +162,6 @@ impl Provider for SwtpmProvider {
                 tracing::info!(node = %name, "machine deleted");
             }
             Ok(())
-        })
-    }
-
-    fn list_machines<'a>(
-        &'a self,
-        pool: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>> {
-        Box::pin(async move {
-            Ok(lock(&self.slots)
-                .values()
-                .filter(|s| s.machine.pool == pool)
-                .map(|s| s.machine.clone())
-                .collect())
         })
     }
 

@@ -9,14 +9,17 @@
 //! objects under unique names so runs against a shared cluster do not collide.
 
 pub mod binaries;
+pub mod cloud;
 pub mod controlplane;
 pub mod csr;
 pub mod etcd;
+pub mod kubelet;
 pub mod node;
 pub mod pki;
 mod process;
 pub mod standin;
 pub mod swtpm;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};

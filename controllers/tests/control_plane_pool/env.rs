@@ -14,7 +14,7 @@ use confidential_controllers::metrics::Metrics;
 use confidential_controllers::operator;
 use confidential_controllers::provider::{MachineRequest, Provider};
 use confidential_controllers::reconciler::Settings;
-use confidential_controllers::sim_provider::{SimConfig, SimProvider};
+use confidential_testenv::cloud::{CloudConfig, SimulatedCloud};
 use confidential_testenv::etcd::EtcdCluster;
 use confidential_testenv::{
     TestCluster, client_from_kubeconfig, eventually, install_crds, unique_name,
@@ -35,8 +35,7 @@ pub const WAIT: Duration = Duration::from_secs(300);
 pub struct Env {
     _cluster: TestCluster,
     pub client: Client,
-    pub sim: SimProvider,
-    _kubelets: JoinHandle<()>,
+    pub sim: SimulatedCloud,
     pub pool: String,
     /// Names of the first machines (the etcd members the cluster starts with).
     pub initial: Vec<String>,
@@ -63,8 +62,8 @@ pub async fn cluster() -> Result<(TestCluster, Client)> {
 /// A control plane, three control-plane machines on V1 and their NodeVersion.
 pub async fn setup() -> Result<Env> {
     let (cluster, client) = cluster().await?;
-    let sim = SimProvider::new(client.clone(), SimConfig::default());
-    let kubelets = sim.spawn_kubelets();
+    let sim =
+        SimulatedCloud::new(client.clone(), &cluster.kubeconfig, CloudConfig::default()).await?;
     let pool = unique_name("cp");
     let initial: Vec<String> = (0..3).map(|i| format!("{pool}-v1-{i}")).collect();
     for name in &initial {
@@ -96,7 +95,6 @@ pub async fn setup() -> Result<Env> {
         _cluster: cluster,
         client,
         sim,
-        _kubelets: kubelets,
         pool,
         initial,
     })

@@ -17,7 +17,7 @@ use confidential_controllers::etcd::{
 use confidential_controllers::provider::{
     LeaveRequest, Machine, MachineRequest, Provider, ProviderError,
 };
-use confidential_controllers::sim_provider::SimProvider;
+use confidential_testenv::cloud::SimulatedCloud;
 use confidential_testenv::etcd::{EtcdCluster, MemberSlot};
 use confidential_testenv::eventually;
 use futures::future::BoxFuture;
@@ -26,7 +26,7 @@ pub const ETCD_START: Duration = Duration::from_secs(60);
 
 /// See the module documentation.
 pub struct EtcdMachines {
-    pub sim: SimProvider,
+    pub sim: SimulatedCloud,
     pub etcd: Arc<tokio::sync::Mutex<EtcdCluster>>,
     pub membership: EtcdMembership,
     /// When false, new machines boot without joining etcd (a heir whose
@@ -116,13 +116,6 @@ impl Provider for EtcdMachines {
             self.etcd.lock().await.stop(name);
             self.sim.delete_machine(name).await
         })
-    }
-
-    fn list_machines<'a>(
-        &'a self,
-        pool: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Machine>, ProviderError>> {
-        self.sim.list_machines(pool)
     }
 
     fn control_plane_membership(&self) -> Result<(), String> {

@@ -1,13 +1,16 @@
 //! A pure, discrete-time model of a node pool that applies planner actions:
 //! machines join after a delay (or never), evicted pods terminate after a
 //! delay and are recreated elsewhere, a PodDisruptionBudget refuses evictions
-//! that would leave too few running pods. The property tests drive the
-//! planner against it, and the rollout benchmark uses it to compute the
-//! planner's schedule against the theoretical minimum.
+//! that would leave too few running pods. The operator's property tests
+//! drive the planner against it (thousands of rollouts per second, with
+//! crashes and faults between actions). Test code: it lives in the test
+//! environment, never in the shipped operator.
 
 use std::collections::BTreeMap;
 
-use crate::planner::{Action, Desired, NodeObs, Observed, PendingObs, PodInfo, Seconds};
+use confidential_controllers::planner::{
+    Action, Desired, NodeObs, Observed, PendingObs, PodInfo, Seconds,
+};
 
 /// Knobs of the simulated world.
 #[derive(Clone, Debug)]
@@ -161,7 +164,7 @@ impl World {
     }
 
     /// Applies one action as the executor and the real cluster would.
-    pub fn apply(&mut self, desired: &Desired, action: &Action) {
+    pub fn apply(&mut self, action: &Action) {
         self.log.push((self.now, action.clone()));
         match action {
             Action::CreateMachine {
@@ -185,6 +188,13 @@ impl World {
                 let join = (!self.config.never_attest).then_some(self.now + self.config.join_delay);
                 self.machines.insert(name.clone(), (image.clone(), join));
             }
+            Action::EnsureMachine { name, image } => {
+                if self.pending.contains_key(name) && !self.machines.contains_key(name) {
+                    let join =
+                        (!self.config.never_attest).then_some(self.now + self.config.join_delay);
+                    self.machines.insert(name.clone(), (image.clone(), join));
+                }
+            }
             Action::PairHeir { heir, donor } => {
                 if let Some(h) = self.nodes.get_mut(heir) {
                     h.heir_of = Some(donor.clone());
@@ -204,6 +214,12 @@ impl World {
                     if *start_drain && n.drain_started.is_none() {
                         n.drain_started = Some(self.now);
                     }
+                }
+            }
+            Action::Revoke { node, .. } => {
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.cordoned = true;
+                    n.revoked = true;
                 }
             }
             Action::Evict { pod, .. } => {
@@ -247,7 +263,6 @@ impl World {
             }
             Action::UpdateStatus(_) => {}
         }
-        let _ = desired;
     }
 
     /// Advances time: machines join, pods terminate and start.

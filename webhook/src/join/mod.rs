@@ -35,7 +35,6 @@ use confidential_api::{
 };
 use confidential_attestation::atls::{self, AtlsPeer, PURPOSE_JOIN};
 use confidential_attestation::kdf::MasterSecret;
-use confidential_attestation::measurements::{MeasurementFile, Measurements};
 use confidential_attestation::protocol::{
     ActivateRequest, JoinChallenge, JoinRequest, JoinResponse, PATH_ACTIVATE, PATH_JOIN,
     PATH_REJOIN, Refused,
@@ -320,17 +319,10 @@ impl Gate {
                     format!("publisher {} is not trusted", measured.publisher),
                 )
             })?;
-        let measurements = Measurements::from_hex_map(
-            measured
-                .measurements
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.expected.as_str(), v.warn_only)),
-        )
-        .map_err(|e| Refusal::forbidden("measurements-invalid", e.to_string()))?;
-        let file = MeasurementFile {
-            image: image.clone(),
-            measurements,
-        };
+        // The shared builder, so SEV-SNP launch values are signed and
+        // compared like the PCRs.
+        let file = crate::verify::measurement_file(measured)
+            .map_err(|e| Refusal::forbidden("measurements-invalid", e))?;
         file.verify(&measured.signature, &publisher.public_key)
             .map_err(|e| {
                 Refusal::forbidden(

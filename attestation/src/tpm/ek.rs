@@ -217,7 +217,7 @@ mod tests {
         expired.not_before = rcgen::date_time_ymd(2015, 1, 1);
         expired.not_after = rcgen::date_time_ymd(2020, 1, 1);
         let (der, ca_der) = issue_with_ca(&expired, &swtpm_ek());
-        let err = super::super::verify::verify_ek_certificate(&der, &[ca_der.clone()])
+        let err = super::super::verify::verify_ek_certificate(&der, std::slice::from_ref(&ca_der))
             .expect_err("expired EK");
         assert_eq!(err.reason(), "ek-certificate");
         assert!(err.to_string().contains("expired"), "{err}");

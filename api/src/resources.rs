@@ -106,11 +106,33 @@ pub struct MeasuredImage {
     pub image: String,
     /// Expected PCR values by PCR index ("0".."23").
     pub measurements: BTreeMap<String, Measurement>,
+    /// Expected SEV-SNP launch values, for images that run on SEV-SNP;
+    /// signed together with `measurements`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snp: Option<SnpLaunch>,
     /// Publisher (name in `publishers`) whose key signed the measurements.
     pub publisher: String,
     /// Base64 ECDSA signature over the canonical measurement file, as
     /// `cosign sign-blob --key` writes it.
     pub signature: String,
+}
+
+/// What the secure processor reports about an SEV-SNP guest booted from the
+/// image. A guest that allows debugging is always refused.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnpLaunch {
+    /// Lower-case hex of the 48-byte launch measurement.
+    pub measurement: String,
+    /// The VMPL attestation reports are requested from (0 without an SVSM).
+    #[serde(default)]
+    pub vmpl: u32,
+    /// Accept guests launched with SMT allowed (guest policy bit 16).
+    #[serde(default)]
+    pub allow_smt: bool,
+    /// Accept guests launched with a migration agent (guest policy bit 18).
+    #[serde(default)]
+    pub allow_migration_agent: bool,
 }
 
 /// One expected PCR value.

@@ -8,6 +8,13 @@
 //! signature), so publishers can use cosign and we verify with the PEM public
 //! key that `cosign generate-key-pair` writes.
 //!
+//! An image that runs on SEV-SNP also carries its expected launch values
+//! (`snp`: the 48-byte launch measurement, the VMPL, and whether SMT and a
+//! migration agent are allowed) in the same file, under the same signature,
+//! so the host cannot swap them independently of the PCRs. Files without
+//! `snp` have exactly the canonical bytes they had before the field existed,
+//! so their signatures stay valid.
+//!
 //! Canonical bytes are the compact JSON of the file with keys in a fixed order
 //! and PCR indices as decimal strings in numeric order. Signing the canonical
 //! form (and not whatever bytes a publisher happened to write) lets the cluster
@@ -24,6 +31,8 @@ use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::snp::launch::SnpLaunchPolicy;
 
 /// Highest PCR index of a TPM 2.0 PC-client PCR bank.
 pub const MAX_PCR: u8 = 23;
@@ -55,6 +64,8 @@ pub enum MeasurementError {
     },
     #[error("PCR {0} is expected but was not measured")]
     Missing(u8),
+    #[error("SEV-SNP launch measurement is not 48 bytes of hex: {0:?}")]
+    BadSnpMeasurement(String),
 }
 
 /// One expected PCR value.
@@ -69,9 +80,13 @@ pub struct Expected {
     pub warn_only: bool,
 }
 
-/// Expected values by PCR index. Indices are checked to be 0..=23.
+/// Expected values by PCR index (checked to be 0..=23), and the SEV-SNP
+/// launch values when the image runs on SEV-SNP.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Measurements(BTreeMap<u8, Expected>);
+pub struct Measurements {
+    pcrs: BTreeMap<u8, Expected>,
+    snp: Option<SnpLaunchPolicy>,
+}
 
 impl Measurements {
     /// Builds measurements from parsed values.
@@ -79,7 +94,21 @@ impl Measurements {
         if let Some(&pcr) = values.keys().find(|&&pcr| pcr > MAX_PCR) {
             return Err(MeasurementError::BadPcrIndex(pcr.to_string()));
         }
-        Ok(Self(values))
+        Ok(Self {
+            pcrs: values,
+            snp: None,
+        })
+    }
+
+    /// Adds (or removes) the expected SEV-SNP launch values.
+    pub fn with_snp(mut self, snp: Option<SnpLaunchPolicy>) -> Self {
+        self.snp = snp;
+        self
+    }
+
+    /// The expected SEV-SNP launch values, when the image has them.
+    pub fn snp(&self) -> Option<&SnpLaunchPolicy> {
+        self.snp.as_ref()
     }
 
     /// Parses `{"<pcr>": ("<hex>", warnOnly)}` as stored in an AttestationPolicy.
@@ -103,20 +132,21 @@ impl Measurements {
 
     /// The PCR indices that are expected, in order.
     pub fn pcrs(&self) -> impl Iterator<Item = u8> + '_ {
-        self.0.keys().copied()
+        self.pcrs.keys().copied()
     }
 
     /// Iterates over `(pcr, expected)`.
     pub fn iter(&self) -> impl Iterator<Item = (u8, &Expected)> {
-        self.0.iter().map(|(pcr, e)| (*pcr, e))
+        self.pcrs.iter().map(|(pcr, e)| (*pcr, e))
     }
 
     pub fn get(&self, pcr: u8) -> Option<&Expected> {
-        self.0.get(&pcr)
+        self.pcrs.get(&pcr)
     }
 
+    /// Whether no PCR is expected.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pcrs.is_empty()
     }
 
     /// Compares measured PCR values with the expected ones. A mismatch of a
@@ -127,7 +157,7 @@ impl Measurements {
         measured: &BTreeMap<u8, [u8; 32]>,
     ) -> Result<Vec<String>, MeasurementError> {
         let mut warnings = Vec::new();
-        for (&pcr, expected) in &self.0 {
+        for (&pcr, expected) in &self.pcrs {
             let Some(actual) = measured.get(&pcr) else {
                 if expected.warn_only {
                     warnings.push(format!("PCR {pcr} was not measured (warnOnly)"));
@@ -161,6 +191,14 @@ pub fn parse_pcr_index(index: &str) -> Result<u8, MeasurementError> {
         .ok_or_else(|| MeasurementError::BadPcrIndex(index.to_owned()))
 }
 
+/// Parses a 48-byte SEV-SNP launch measurement given as hex.
+pub fn parse_snp_measurement(value: &str) -> Result<[u8; 48], MeasurementError> {
+    hex::decode(value)
+        .ok()
+        .and_then(|bytes| <[u8; 48]>::try_from(bytes).ok())
+        .ok_or_else(|| MeasurementError::BadSnpMeasurement(value.to_owned()))
+}
+
 /// Parses a 32-byte PCR value given as hex.
 pub fn parse_pcr_value(pcr: u8, value: &str) -> Result<[u8; 32], MeasurementError> {
     let bytes = hex::decode(value).map_err(|_| MeasurementError::BadHex {
@@ -185,6 +223,20 @@ pub struct MeasurementFile {
 struct WireFile {
     image: String,
     measurements: BTreeMap<String, Expected>,
+    #[serde(default)]
+    snp: Option<WireSnp>,
+}
+
+/// Wire form of the SEV-SNP launch values.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WireSnp {
+    measurement: String,
+    vmpl: u32,
+    #[serde(default)]
+    allow_smt: bool,
+    #[serde(default)]
+    allow_migration_agent: bool,
 }
 
 impl MeasurementFile {
@@ -206,7 +258,17 @@ impl MeasurementFile {
                 expected.warn_only
             ));
         }
-        out.push_str("}}");
+        out.push('}');
+        if let Some(snp) = self.measurements.snp() {
+            out.push_str(&format!(
+                ",\"snp\":{{\"measurement\":\"{}\",\"vmpl\":{},\"allowSmt\":{},\"allowMigrationAgent\":{}}}",
+                hex::encode(snp.measurement),
+                snp.vmpl,
+                snp.allow_smt,
+                snp.allow_migration_agent
+            ));
+        }
+        out.push('}');
         out.into_bytes()
     }
 
@@ -218,9 +280,20 @@ impl MeasurementFile {
         for (index, expected) in wire.measurements {
             values.insert(parse_pcr_index(&index)?, expected);
         }
+        let snp = wire
+            .snp
+            .map(|snp| {
+                Ok::<_, MeasurementError>(SnpLaunchPolicy {
+                    measurement: parse_snp_measurement(&snp.measurement)?,
+                    vmpl: snp.vmpl,
+                    allow_smt: snp.allow_smt,
+                    allow_migration_agent: snp.allow_migration_agent,
+                })
+            })
+            .transpose()?;
         Ok(Self {
             image: wire.image,
-            measurements: Measurements::new(values)?,
+            measurements: Measurements::new(values)?.with_snp(snp),
         })
     }
 
@@ -400,6 +473,108 @@ mod tests {
             f.verify(&signature, "garbage"),
             Err(MeasurementError::BadPublicKey(_))
         ));
+    }
+
+    fn snp_launch() -> SnpLaunchPolicy {
+        SnpLaunchPolicy {
+            measurement: [0xab; 48],
+            vmpl: 0,
+            allow_smt: true,
+            allow_migration_agent: false,
+        }
+    }
+
+    #[test]
+    fn files_without_snp_keep_their_bytes_and_signatures() {
+        // Canonical bytes of `file()` before the `snp` field existed: a
+        // signature made then still verifies.
+        let f = file();
+        let before = format!(
+            "{{\"image\":\"registry.example/node:v1\",\"measurements\":{{\"4\":{{\"expected\":\"{}\",\"warnOnly\":false}},\"9\":{{\"expected\":\"{}\",\"warnOnly\":true}},\"11\":{{\"expected\":\"{}\",\"warnOnly\":false}}}}}}",
+            "04".repeat(32),
+            "09".repeat(32),
+            "0b".repeat(32)
+        );
+        assert_eq!(
+            String::from_utf8(f.canonical_bytes()).expect("utf8"),
+            before
+        );
+        let signature = f.sign(&key());
+        let reparsed = MeasurementFile::from_json(before.as_bytes()).expect("old file parses");
+        assert_eq!(reparsed.measurements.snp(), None);
+        reparsed
+            .verify(&signature, &public_pem(&key()))
+            .expect("old signature verifies");
+    }
+
+    #[test]
+    fn snp_launch_values_are_signed_with_the_pcrs() {
+        let mut f = file();
+        f.measurements = f.measurements.clone().with_snp(Some(snp_launch()));
+        let text = String::from_utf8(f.canonical_bytes()).expect("utf8");
+        assert!(
+            text.ends_with(&format!(
+                ",\"snp\":{{\"measurement\":\"{}\",\"vmpl\":0,\"allowSmt\":true,\"allowMigrationAgent\":false}}}}",
+                "ab".repeat(48)
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            MeasurementFile::from_json(text.as_bytes()).expect("parses"),
+            f
+        );
+        let signature = f.sign(&key());
+        f.verify(&signature, &public_pem(&key())).expect("verifies");
+        // Every launch value is covered: changing one breaks the signature,
+        // and so does dropping them or adding them to an unsigned file.
+        let edits: [fn(&mut SnpLaunchPolicy); 4] = [
+            |s| s.measurement[0] ^= 1,
+            |s| s.vmpl = 1,
+            |s| s.allow_smt = false,
+            |s| s.allow_migration_agent = true,
+        ];
+        for edit in edits {
+            let mut snp = snp_launch();
+            edit(&mut snp);
+            let mut tampered = f.clone();
+            tampered.measurements = tampered.measurements.clone().with_snp(Some(snp));
+            assert_eq!(
+                tampered.verify(&signature, &public_pem(&key())),
+                Err(MeasurementError::SignatureMismatch)
+            );
+        }
+        let mut dropped = f.clone();
+        dropped.measurements = dropped.measurements.clone().with_snp(None);
+        assert_eq!(
+            dropped.verify(&signature, &public_pem(&key())),
+            Err(MeasurementError::SignatureMismatch)
+        );
+        let unsigned = file().sign(&key());
+        assert_eq!(
+            f.verify(&unsigned, &public_pem(&key())),
+            Err(MeasurementError::SignatureMismatch)
+        );
+    }
+
+    #[test]
+    fn bad_snp_values_are_refused() {
+        let bad = format!(
+            "{{\"image\":\"x\",\"measurements\":{{}},\"snp\":{{\"measurement\":\"{}\",\"vmpl\":0}}}}",
+            "ab".repeat(32)
+        );
+        assert!(matches!(
+            MeasurementFile::from_json(bad.as_bytes()),
+            Err(MeasurementError::BadSnpMeasurement(_))
+        ));
+        let unknown = format!(
+            "{{\"image\":\"x\",\"measurements\":{{}},\"snp\":{{\"measurement\":\"{}\",\"vmpl\":0,\"debug\":true}}}}",
+            "ab".repeat(48)
+        );
+        assert!(matches!(
+            MeasurementFile::from_json(unknown.as_bytes()),
+            Err(MeasurementError::BadFile(_))
+        ));
+        assert!(parse_snp_measurement(&"ab".repeat(48)).is_ok());
     }
 
     #[test]

@@ -4,9 +4,31 @@
 //! X.509 extensions) and against the policy minimum, and the REPORT_DATA
 //! binding to the aTLS nonce.
 //!
-//! The issuer (reading `/dev/sev-guest`) is behind the `snp-issuer` feature
-//! and needs SEV-SNP hardware; it is not exercised here. Verification is tested
-//! with AMD-signed sample data (`testdata/snp/`).
+//! What the report says about the guest is checked against the node image's
+//! signed launch values in [`launch`] (launch measurement, guest policy,
+//! VMPL); [`binding`] verifies a vTPM attestation key committed to in
+//! REPORT_DATA; [`issuer`] turns the secure processor's answer into evidence
+//! (the `/dev/sev-guest` call itself is behind the `snp-issuer` feature and
+//! needs SEV-SNP hardware, which the test suite does not have; the wire format
+//! is tested with the sample). Verification is tested with AMD-signed sample
+//! data (`testdata/snp/`).
+//!
+//! # Why the node identity is not the chip ID
+//!
+//! CHIP_ID names the physical processor: every VM on a host reports the same
+//! one, so a second VM the host launches on that chip (with the same image)
+//! would be indistinguishable from the first and could take over its node
+//! name, disk key and attestation. The identity is therefore
+//! SHA-256(label || CHIP_ID || REPORT_ID): REPORT_ID is a random ID the
+//! secure processor generates for each guest at launch, which the host can
+//! neither choose nor copy into another guest's signed report. It is stable
+//! for the life of the VM (re-attestation keeps it) and changes when the VM is
+//! launched again, which makes a relaunched VM a new machine, as node
+//! replacement assumes.
+
+pub mod binding;
+pub mod issuer;
+pub mod launch;
 
 use sev::certs::snp::{Certificate, Chain, Verifiable, ca};
 use sev::firmware::guest::AttestationReport;
@@ -67,6 +89,28 @@ pub enum SnpError {
     TcbTooLow { reported: Tcb, minimum: Tcb },
     #[error("REPORT_DATA is not bound to this connection (nonce mismatch): replayed or relayed")]
     Nonce,
+    #[error(
+        "the node image has no signed SEV-SNP launch values (measurement, guest policy, VMPL); add them to its measurement file and sign it again"
+    )]
+    NoLaunchPolicy,
+    #[error("launch measurement {actual} differs from the image's signed {expected}")]
+    Measurement { expected: String, actual: String },
+    #[error(
+        "guest policy {policy:#x} allows debugging: the hypervisor can read and change guest memory"
+    )]
+    DebugAllowed { policy: u64 },
+    #[error(
+        "guest policy {policy:#x} allows a migration agent, which the image's launch values do not"
+    )]
+    MigrationAgentAllowed { policy: u64 },
+    #[error("guest policy {policy:#x} allows SMT, which the image's launch values do not")]
+    SmtAllowed { policy: u64 },
+    #[error(
+        "report was requested at VMPL {actual}; the image's launch values require VMPL {expected}"
+    )]
+    Vmpl { expected: u32, actual: u32 },
+    #[error("REPORT_DATA does not commit to this attestation key and connection")]
+    AkBinding,
 }
 
 impl SnpError {
@@ -78,6 +122,13 @@ impl SnpError {
             SnpError::TcbMismatch { .. } => "snp-tcb-mismatch",
             SnpError::TcbTooLow { .. } => "snp-tcb-too-low",
             SnpError::Nonce => "nonce-mismatch",
+            SnpError::NoLaunchPolicy => "snp-no-launch-policy",
+            SnpError::Measurement { .. } => "snp-measurement",
+            SnpError::DebugAllowed { .. } => "snp-debug",
+            SnpError::MigrationAgentAllowed { .. } => "snp-migration-agent",
+            SnpError::SmtAllowed { .. } => "snp-smt",
+            SnpError::Vmpl { .. } => "snp-vmpl",
+            SnpError::AkBinding => "snp-ak-binding",
         }
     }
 }
@@ -90,6 +141,28 @@ pub struct VerifiedReport {
     pub report_data: [u8; 64],
     pub reported_tcb: Tcb,
     pub chip_id: [u8; 64],
+    /// The guest policy the VM was launched with (ABI spec, Table 9).
+    pub guest_policy: u64,
+    /// The VMPL the report was requested at.
+    pub vmpl: u32,
+    /// The random ID the secure processor gave this guest at launch.
+    pub report_id: [u8; 32],
+}
+
+/// Domain separation of the SNP node identity.
+const IDENTITY_LABEL: &[u8] = b"kubectl-confidential sev-snp identity v1";
+
+impl VerifiedReport {
+    /// The node identity: hex SHA-256(label || CHIP_ID || REPORT_ID), per VM,
+    /// not per chip (see the module documentation for why).
+    pub fn identity(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(IDENTITY_LABEL);
+        h.update(self.chip_id);
+        h.update(self.report_id);
+        hex::encode(h.finalize())
+    }
 }
 
 const OID_BL: &str = "1.3.6.1.4.1.3704.1.3.1";
@@ -205,7 +278,21 @@ pub fn verify_report(evidence: &SnpEvidence, trust: &SnpTrust) -> Result<Verifie
         report_data: report.report_data,
         reported_tcb: reported,
         chip_id: report.chip_id,
+        guest_policy: guest_policy(&evidence.report)?,
+        vmpl: report.vmpl,
+        report_id: report.report_id,
     })
+}
+
+/// Offset of the 64-bit little-endian guest policy in a report.
+const POLICY_OFFSET: usize = 0x08;
+
+/// The raw guest policy word (the `sev` crate's type hides reserved bits).
+fn guest_policy(raw: &[u8]) -> Result<u64, SnpError> {
+    raw.get(POLICY_OFFSET..POLICY_OFFSET + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| SnpError::Malformed("report too short".into()))
 }
 
 /// REPORT_DATA for an aTLS nonce: the nonce, then 32 zero bytes.
@@ -226,49 +313,6 @@ pub fn verify_snp(
         return Err(SnpError::Nonce);
     }
     Ok(verified)
-}
-
-/// The SEV-SNP issuer (feature `snp-issuer`): asks the AMD secure processor
-/// for a report whose REPORT_DATA carries the aTLS nonce, with the VCEK from
-/// the host's certificate table (or one the caller fetched from AMD's KDS).
-/// It needs `/dev/sev-guest` in an SEV-SNP guest and is not exercised by the
-/// test suite, which has no such hardware.
-#[cfg(feature = "snp-issuer")]
-pub mod issuer {
-    use sev::firmware::guest::Firmware;
-    use sev::firmware::host::CertType;
-
-    use super::report_data_for;
-    use crate::evidence::SnpEvidence;
-
-    #[derive(Debug, thiserror::Error)]
-    pub enum SnpIssuerError {
-        #[error("opening /dev/sev-guest: {0}")]
-        Open(#[from] std::io::Error),
-        #[error("SNP_GET_EXT_REPORT: {0}")]
-        Report(String),
-        #[error("the host provides no VCEK and none was given")]
-        NoVcek,
-    }
-
-    /// A report bound to `nonce` (VMPL 0), blocking.
-    pub fn report_blocking(
-        nonce: &[u8; 32],
-        vcek_der: Option<Vec<u8>>,
-    ) -> Result<SnpEvidence, SnpIssuerError> {
-        let mut fw = Firmware::open()?;
-        let (report, certs) = fw
-            .get_ext_report(Some(1), Some(report_data_for(nonce)), Some(0))
-            .map_err(|e| SnpIssuerError::Report(e.to_string()))?;
-        let vcek = certs
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.cert_type == CertType::VCEK)
-            .map(|c| c.data)
-            .or(vcek_der)
-            .ok_or(SnpIssuerError::NoVcek)?;
-        Ok(SnpEvidence { report, vcek })
-    }
 }
 
 #[cfg(test)]
@@ -329,6 +373,54 @@ pub(crate) mod tests {
             verify_report(&ev, &trust),
             Err(SnpError::Chain(_))
         ));
+    }
+
+    #[test]
+    fn sample_fields_are_read_from_the_signed_report() {
+        let (ev, trust) = sample();
+        let v = verify_report(&ev, &trust).expect("AMD sample verifies");
+        // SMT allowed (bit 16) and the reserved bit 17; no debug, no MA.
+        assert_eq!(v.guest_policy, 0x30000);
+        assert_eq!(v.vmpl, 0);
+        assert_eq!(hex::encode(&v.report_id[..4]), "92b3b47d");
+        assert_eq!(hex::encode(&v.measurement[..4]), "7a1e5c26");
+    }
+
+    #[test]
+    fn identity_is_per_vm_not_per_chip() {
+        let (ev, trust) = sample();
+        let v = verify_report(&ev, &trust).expect("AMD sample verifies");
+        // Another VM on the same chip: same CHIP_ID, its own REPORT_ID.
+        let mut neighbour = v.clone();
+        neighbour.report_id[0] ^= 1;
+        assert_ne!(v.identity(), neighbour.identity());
+        // The same VM on another chip is another machine too.
+        let mut moved = v.clone();
+        moved.chip_id[0] ^= 1;
+        assert_ne!(v.identity(), moved.identity());
+        assert_eq!(v.identity(), v.clone().identity());
+        use sha2::Digest;
+        assert_ne!(
+            v.identity(),
+            hex::encode(sha2::Sha256::digest(v.chip_id)),
+            "not the chip ID alone"
+        );
+    }
+
+    #[test]
+    fn signed_identity_and_policy_fields_cannot_be_edited() {
+        // CHIP_ID, REPORT_ID, guest policy and VMPL are all in the signed
+        // part: editing any of them breaks the VCEK signature.
+        let (ev, trust) = sample();
+        for offset in [0x08, 0x0a, 0x30, 0x140, 0x1a0] {
+            let mut bad = ev.clone();
+            bad.report[offset] ^= 0x01;
+            assert_eq!(
+                verify_report(&bad, &trust),
+                Err(SnpError::Signature),
+                "offset {offset:#x}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::evidence::{EVIDENCE_VERSION, Evidence, EvidenceEnvelope, EvidenceKind};
 use crate::measurements::{MeasurementError, Measurements};
+use crate::snp::launch::check_image_launch;
 use crate::snp::{SnpError, SnpTrust, verify_snp};
 use crate::tpm::{Challenge, TpmError, make_credential, verify_quote};
 
@@ -52,8 +53,9 @@ pub struct Verdict {
     pub kind: EvidenceKind,
     /// Measured PCR values (TPM evidence).
     pub measured: BTreeMap<u8, [u8; 32]>,
-    /// Stable identity of the attesting key: hex SHA-256 of the AK public area
-    /// (TPM) or of the chip ID (SNP).
+    /// Stable identity of the attesting machine: hex SHA-256 of the AK public
+    /// area (TPM), or of the chip ID with the per-VM report ID (SNP, see
+    /// `snp::VerifiedReport::identity`).
     pub identity: String,
     /// warnOnly mismatches.
     pub warnings: Vec<String>,
@@ -215,16 +217,15 @@ pub fn verify_evidence(
         Evidence::SevSnp(snp) => {
             let trust = policy.snp.as_ref().ok_or(Refusal::NoTrustRoots(kind))?;
             let report = verify_snp(snp, nonce, trust)?;
-            // The launch measurement is not a PCR; images measured by PCRs
-            // need vTPM evidence. PCR expectations that are not warnOnly
-            // therefore refuse SNP-only evidence (Missing).
-            let warnings = expected.compare(&BTreeMap::new())?;
-            use sha2::Digest;
+            // The image's signed launch values, not PCRs, say what an SNP
+            // guest must be: SNP evidence carries no PCRs, and an image
+            // without launch values cannot be attested by SNP alone.
+            check_image_launch(&report, expected.snp())?;
             Ok(Verdict {
                 kind,
                 measured: BTreeMap::new(),
-                identity: hex::encode(sha2::Sha256::digest(report.chip_id)),
-                warnings,
+                identity: report.identity(),
+                warnings: Vec::new(),
                 binding: KeyBinding::Hardware,
             })
         }
@@ -354,5 +355,31 @@ mod tests {
             panic!("SNP evidence needs no activation");
         };
         assert_eq!(bound.verdict(), &verdict);
+    }
+
+    #[test]
+    fn snp_evidence_is_bound_to_the_connection_before_anything_else() {
+        let (ev, trust) = crate::snp::tests::sample();
+        let report = crate::snp::verify_report(&ev, &trust).expect("AMD sample verifies");
+        let policy = TrustPolicy {
+            evidence_kinds: vec![EvidenceKind::SevSnp],
+            ek_cas: Vec::new(),
+            snp: Some(trust),
+        };
+        let env = EvidenceEnvelope::new(Evidence::SevSnp(ev));
+        // The sample's REPORT_DATA is AMD's, not one of our nonces; the
+        // launch checks after it are tested on the verified report in
+        // `snp::launch`.
+        let nonce: [u8; 32] = report.report_data[..32].try_into().expect("32 bytes");
+        let launch = Measurements::default().with_snp(Some(crate::snp::launch::SnpLaunchPolicy {
+            measurement: report.measurement,
+            vmpl: 0,
+            allow_smt: true,
+            allow_migration_agent: false,
+        }));
+        assert_eq!(
+            verify_evidence(&env, &nonce, &policy, &launch).unwrap_err(),
+            Refusal::Snp(SnpError::Nonce)
+        );
     }
 }

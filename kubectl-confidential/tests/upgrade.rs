@@ -55,6 +55,7 @@ async fn setup(cluster: &TestCluster) -> Result<(String, String)> {
                 warn_only: false,
             },
         )]),
+        snp: None,
         publisher: "acme".into(),
         signature: "c2ln".into(),
     };

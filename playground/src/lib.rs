@@ -115,6 +115,7 @@ fn measured_image(image: &str, publisher: &SigningKey) -> Result<MeasuredImage> 
                 warn_only: false,
             },
         )]),
+        snp: None,
         publisher: DEFAULT.to_owned(),
         signature: file.sign(publisher),
     })

@@ -219,6 +219,7 @@ impl SimulatedCloud {
             ]),
             kubelet_version: request.kubernetes_version.clone(),
             provider_id: Some(machine_of(request).provider_id),
+            internal_ip: None,
             heartbeat: self.config.heartbeat,
             pod_termination: self.config.pod_termination,
         };
@@ -332,6 +333,7 @@ async fn attest(client: &Client, request: &MachineRequest, ttl: Duration) -> Res
             measurements: BTreeMap::new(),
             ak_fingerprint: hex_digest(&request.name),
             disk_uuid: None,
+            attestation_endpoint: None,
             attested_at: Time(now),
             expires_at: Time(expires),
             verdict: Verdict::Trusted,

@@ -89,6 +89,7 @@ fn policy() -> Result<AttestationPolicy> {
             },
         )]
         .into(),
+        snp: None,
         publisher: "acme".into(),
         signature: String::new(),
     };

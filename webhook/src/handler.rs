@@ -4,6 +4,7 @@
 //! malformed, ends as a well-formed review answer or a 400 reason; nothing
 //! here panics on input (the fuzz target and a property test check that).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use confidential_api::{AttestationPolicy, ImagePolicy, NodeVersion};
@@ -31,6 +32,8 @@ pub struct Webhook {
     pub stores: Stores,
     pub metrics: Metrics,
     trust: TrustCache,
+    /// Namespaces without image checks while no ImagePolicy covers them.
+    exempt_namespaces: Arc<[String]>,
 }
 
 fn parse<T: DeserializeOwned>(
@@ -63,12 +66,24 @@ fn kind_label(group: &str, kind: &str) -> &'static str {
 }
 
 impl Webhook {
+    /// A handler with the default exempt namespaces
+    /// ([`workload::DEFAULT_EXEMPT_NAMESPACES`]).
     pub fn new(stores: Stores, metrics: Metrics) -> Self {
         Self {
             stores,
             metrics,
             trust: TrustCache::default(),
+            exempt_namespaces: workload::DEFAULT_EXEMPT_NAMESPACES
+                .map(str::to_owned)
+                .into(),
         }
+    }
+
+    /// Replaces the namespaces where no image check applies while no
+    /// ImagePolicy covers them.
+    pub fn with_exempt_namespaces(mut self, namespaces: Vec<String>) -> Self {
+        self.exempt_namespaces = namespaces.into();
+        self
     }
 
     /// Answers one request body.
@@ -305,6 +320,7 @@ impl Webhook {
                     &new,
                     old.as_ref(),
                     &self.stores.image_policies.state(),
+                    &self.exempt_namespaces,
                 ))
             }
             _ => Ok(Decision::deny(
@@ -391,6 +407,32 @@ mod tests {
             "{metrics}"
         );
         assert!(metrics.contains("admission_review_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn configured_exemptions_apply_where_no_image_policy_covers() {
+        let (stores, _writers) = Stores::fixed(Snapshot::default());
+        let allowed = |w: &Webhook, ns: &str| {
+            answer(w, &review(pod_request("busybox", ns)))["response"]["allowed"]
+                .as_bool()
+                .unwrap()
+        };
+        let defaults = Webhook::new(stores.clone(), Metrics::new());
+        assert!(!allowed(&defaults, "default"));
+        assert!(allowed(&defaults, "kube-public"));
+        assert!(allowed(&defaults, "confidential-system"));
+        let configured =
+            Webhook::new(stores, Metrics::new()).with_exempt_namespaces(vec!["sandbox".into()]);
+        assert!(allowed(&configured, "sandbox"));
+        assert!(!allowed(&configured, "kube-public"));
+        let v = answer(&configured, &review(pod_request("busybox", "default")));
+        assert!(
+            v["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Add an ImagePolicy"),
+            "{v}"
+        );
     }
 
     #[test]

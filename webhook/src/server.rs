@@ -53,6 +53,16 @@ pub struct WebhookArgs {
     /// Kubeconfig to watch the cluster with; in-cluster or $KUBECONFIG when unset.
     #[arg(long, env = "CONFIDENTIAL_WEBHOOK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Namespaces (comma-separated) where images are not checked while no
+    /// ImagePolicy covers them; everywhere else unmeasured images are refused
+    /// unless an ImagePolicy says otherwise. Include the gate's own namespace.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kube-system,kube-node-lease,kube-public,confidential-system",
+        env = "CONFIDENTIAL_WEBHOOK_EXEMPT_NAMESPACES"
+    )]
+    pub exempt_namespaces: Vec<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -223,7 +233,8 @@ pub async fn start_with_metrics(
         ready.wait_ready().await;
         tracing::info!("caches synced; ready");
     });
-    let webhook = Webhook::new(stores, metrics);
+    let webhook =
+        Webhook::new(stores, metrics).with_exempt_namespaces(args.exempt_namespaces.clone());
     let running = serve(webhook.clone(), args).await?;
     Ok((webhook, running))
 }

@@ -18,7 +18,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use confidential_api::{AttestationPolicy, MeasuredImage, PublisherKey};
-use confidential_attestation::measurements::{MeasurementFile, Measurements};
+use confidential_attestation::measurements::{
+    MeasurementFile, Measurements, parse_snp_measurement,
+};
+use confidential_attestation::snp::launch::SnpLaunchPolicy;
 
 /// The outcome of looking an image up in the policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,15 +37,29 @@ pub enum ImageTrust {
     Untrusted(Vec<String>),
 }
 
-/// Builds the signed measurement file of a policy entry.
+/// Builds the signed measurement file of a policy entry (PCRs and, for
+/// SEV-SNP images, the launch values).
 pub fn measurement_file(entry: &MeasuredImage) -> Result<MeasurementFile, String> {
+    let snp = entry
+        .snp
+        .as_ref()
+        .map(|snp| {
+            Ok::<_, String>(SnpLaunchPolicy {
+                measurement: parse_snp_measurement(&snp.measurement).map_err(|e| e.to_string())?,
+                vmpl: snp.vmpl,
+                allow_smt: snp.allow_smt,
+                allow_migration_agent: snp.allow_migration_agent,
+            })
+        })
+        .transpose()?;
     let measurements = Measurements::from_hex_map(
         entry
             .measurements
             .iter()
             .map(|(pcr, m)| (pcr.as_str(), m.expected.as_str(), m.warn_only)),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_snp(snp);
     Ok(MeasurementFile {
         image: entry.image.clone(),
         measurements,

@@ -3,6 +3,8 @@
 //! checks that nothing was created or changed.
 
 mod support;
+#[path = "admission/workloads.rs"]
+mod workloads;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -53,6 +53,9 @@ async fn start() -> Result<Server> {
         tls_reload_interval: Duration::from_millis(50),
         max_body_bytes: 64 * 1024,
         kubeconfig: None,
+        exempt_namespaces: confidential_webhook::validate::workload::DEFAULT_EXEMPT_NAMESPACES
+            .map(str::to_owned)
+            .to_vec(),
     };
     let (stores, _writers) = Stores::fixed(Snapshot::default());
     let running = server::serve(Webhook::new(stores, Metrics::new()), &args).await?;

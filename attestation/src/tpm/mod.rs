@@ -18,6 +18,7 @@
 //! nothing is written to the cluster before the AK is proven.
 
 pub mod credential;
+pub mod ek;
 #[cfg(feature = "tpm")]
 pub mod issuer;
 pub mod verify;

@@ -192,8 +192,10 @@ pub fn parse_certificates(pem: &str) -> Result<Vec<Vec<u8>>, TpmError> {
     Ok(out)
 }
 
-/// Checks the EK certificate was signed by one of `trusted` (DER) and returns
-/// its SubjectPublicKeyInfo. Every listed CA is a trust anchor.
+/// Checks the EK certificate was signed by one of `trusted` (DER) and fits
+/// the TCG EK profile now ([`super::ek::check_ek_profile`]: validity, not a
+/// CA, key usage), and returns its SubjectPublicKeyInfo. Every listed CA is a
+/// trust anchor.
 pub fn verify_ek_certificate(ek_der: &[u8], trusted: &[Vec<u8>]) -> Result<Vec<u8>, TpmError> {
     let (_, ek) = x509_parser::parse_x509_certificate(ek_der)
         .map_err(|e| TpmError::EkCertificate(e.to_string()))?;
@@ -202,6 +204,8 @@ pub fn verify_ek_certificate(ek_der: &[u8], trusted: &[Vec<u8>]) -> Result<Vec<u
             continue;
         };
         if ca.subject() == ek.issuer() && ek.verify_signature(Some(ca.public_key())).is_ok() {
+            super::ek::check_ek_profile(&ek, x509_parser::time::ASN1Time::now())
+                .map_err(|e| TpmError::EkCertificate(e.to_string()))?;
             return Ok(ek.public_key().raw.to_vec());
         }
     }

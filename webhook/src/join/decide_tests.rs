@@ -35,6 +35,7 @@ pub fn image_pcr4() -> String {
 pub fn entry(image: &str, pcr4: &str, signer: u8) -> MeasuredImage {
     let mut entry = MeasuredImage {
         image: image.to_owned(),
+        snp: None,
         measurements: BTreeMap::from([(
             "4".to_owned(),
             Measurement {

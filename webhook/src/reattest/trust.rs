@@ -213,6 +213,7 @@ mod tests {
             }],
             images: vec![MeasuredImage {
                 image: IMAGE.into(),
+                snp: None,
                 measurements: BTreeMap::from([(
                     "4".to_owned(),
                     Measurement {

@@ -49,6 +49,7 @@ pub fn signed_entry(image: &str, key: &SigningKey) -> MeasuredImage {
     let mut entry = MeasuredImage {
         image: image.to_owned(),
         measurements,
+        snp: None,
         publisher: "acme".to_owned(),
         signature: String::new(),
     };

@@ -4,7 +4,9 @@
 //!
 //! AttestationPolicy: at least one evidence kind; publisher names unique and
 //! keys parseable ECDSA P-256 PEM; image entries name a known publisher, use
-//! PCR indices 0..=23 and 32-byte hex values; trust-root certificates parse;
+//! PCR indices 0..=23 and 32-byte hex values, and SEV-SNP launch values with a
+//! 48-byte hex measurement (an image for SNP without them, or with them but no
+//! SNP trust roots, is admitted with a warning); trust-root certificates parse;
 //! the re-attestation interval parses. An entry whose signature does not verify
 //! is admitted with a warning (the NodeVersion check refuses to roll to it).
 //! ImagePolicy: digests are `sha256:<64 hex>`, repository patterns and tag keys
@@ -12,7 +14,7 @@
 
 use std::collections::HashSet;
 
-use confidential_api::{AttestationPolicySpec, ImagePolicySpec};
+use confidential_api::{AttestationPolicySpec, EvidenceKind, ImagePolicySpec};
 use confidential_attestation::measurements::parse_public_key;
 
 use super::Decision;
@@ -81,8 +83,24 @@ pub fn validate_attestation_policy(name: &str, spec: &AttestationPolicySpec) -> 
                 entry.publisher
             ));
         }
-        if entry.measurements.is_empty() {
-            problems.push(format!("{what}: no measurements"));
+        if entry.measurements.is_empty() && entry.snp.is_none() {
+            problems.push(format!(
+                "{what}: no measurements (PCRs or SEV-SNP launch values)"
+            ));
+        }
+        if let Some(snp) = &entry.snp {
+            if snp.measurement.chars().any(|c| c.is_ascii_uppercase()) {
+                problems.push(format!("{what}: snp.measurement must be lower-case hex"));
+            }
+            if spec.snp.is_none() {
+                warnings.push(format!(
+                    "{what} has SEV-SNP launch values, but the policy has no snp trust roots (ARK/ASK): no SNP node can attest"
+                ));
+            }
+        } else if spec.evidence_kinds.contains(&EvidenceKind::SevSnp) {
+            warnings.push(format!(
+                "{what} has no snp launch values: SEV-SNP nodes cannot join with it"
+            ));
         }
         if !publishers.contains(entry.publisher.as_str()) {
             problems.push(format!(
@@ -179,7 +197,7 @@ fn decide(what: &str, problems: Vec<String>, warnings: Vec<String>) -> Decision 
 mod tests {
     use super::*;
     use crate::validate::fixtures::*;
-    use confidential_api::{PolicyMode, SnpTrust, TpmTrust};
+    use confidential_api::{PolicyMode, SnpLaunch, SnpTrust, TpmTrust};
 
     fn spec() -> AttestationPolicySpec {
         policy(vec![signed_entry(IMAGE, &signing_key(1))])
@@ -259,6 +277,68 @@ mod tests {
         let d = validate_attestation_policy("p", &s);
         assert!(d.allowed, "{}", d.message);
         assert_eq!(d.warnings.len(), 1);
+    }
+
+    /// An SNP-only image entry, signed.
+    fn snp_spec(measurement: &str) -> AttestationPolicySpec {
+        let mut s = spec();
+        s.evidence_kinds = vec![EvidenceKind::SevSnp];
+        s.snp = Some(SnpTrust {
+            ark_certificate: include_str!("../../../attestation/testdata/snp/ark_milan.pem").into(),
+            ask_certificate: include_str!("../../../attestation/testdata/snp/ask_milan.pem").into(),
+            minimum_tcb: Default::default(),
+        });
+        let entry = &mut s.images[0];
+        entry.measurements.clear();
+        entry.snp = Some(SnpLaunch {
+            measurement: measurement.into(),
+            vmpl: 0,
+            allow_smt: false,
+            allow_migration_agent: false,
+        });
+        if let Ok(file) = measurement_file(entry) {
+            entry.signature = file.sign(&signing_key(1));
+        }
+        s
+    }
+
+    #[test]
+    fn snp_launch_values_are_validated() {
+        let d = validate_attestation_policy("p", &snp_spec(&"ab".repeat(48)));
+        assert!(d.allowed, "{}", d.message);
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        for bad in ["ab".repeat(32), "zz".repeat(48)] {
+            let d = validate_attestation_policy("p", &snp_spec(&bad));
+            assert!(!d.allowed);
+            assert!(
+                d.message.contains("SEV-SNP launch measurement"),
+                "{}",
+                d.message
+            );
+        }
+        let d = validate_attestation_policy("p", &snp_spec(&"AB".repeat(48)));
+        assert!(d.message.contains("lower-case"), "{}", d.message);
+        // Launch values without SNP trust roots, or SNP nodes without launch
+        // values: admitted, with a warning saying what will not work.
+        let mut s = snp_spec(&"ab".repeat(48));
+        s.snp = None;
+        let d = validate_attestation_policy("p", &s);
+        assert!(
+            d.allowed && d.warnings[0].contains("no snp trust roots"),
+            "{d:?}"
+        );
+        let mut s = spec();
+        s.evidence_kinds.push(EvidenceKind::SevSnp);
+        let d = validate_attestation_policy("p", &s);
+        assert!(
+            d.allowed && d.warnings[0].contains("SEV-SNP nodes cannot join"),
+            "{d:?}"
+        );
+        // Nothing at all to compare is refused.
+        let mut s = snp_spec(&"ab".repeat(48));
+        s.images[0].snp = None;
+        let d = validate_attestation_policy("p", &s);
+        assert!(d.message.contains("no measurements"), "{}", d.message);
     }
 
     #[test]

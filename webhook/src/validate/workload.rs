@@ -7,10 +7,21 @@
 //! pinned by digest and allowed by each covering policy (digest allowlist, or
 //! an allowed repository). A tag-only reference is refused with the digest to
 //! pin when the policy's `tagDigests` knows it. `Warn` policies admit with an
-//! AdmissionReview warning. On UPDATE only images that the old object did not
-//! already run are checked, so a later policy change does not block metadata
-//! updates of running workloads. Namespaces in a policy's `exemptNamespaces`
-//! (kube-system by default) are not covered by it.
+//! AdmissionReview warning.
+//!
+//! Secure by default: where no ImagePolicy covers a namespace, nothing allows
+//! any image, so every image is refused, with a message saying how to add an
+//! ImagePolicy or use warn mode. Exempt are the namespaces the webhook is
+//! configured with ([`DEFAULT_EXEMPT_NAMESPACES`]) and those an ImagePolicy
+//! explicitly lists in `exemptNamespaces` while no policy covers them.
+//!
+//! On UPDATE a container is not checked again when the old object had the
+//! same container (same list, same name) with the same image, so a later
+//! policy change does not block metadata updates of running workloads. The
+//! match is per container on purpose: an ephemeral container added through
+//! `pods/ephemeralcontainers` (`kubectl debug`) is a new container and is
+//! checked like one in a new Pod, even when another container of the Pod ran
+//! the same tag-only image before.
 
 use std::sync::Arc;
 
@@ -114,6 +125,15 @@ pub fn pod_spec(kind: &str, json: &str) -> Result<PodSpecImages, serde_json::Err
             .unwrap_or_default(),
     })
 }
+
+/// Namespaces no image check applies to while no ImagePolicy covers them:
+/// the control plane's own and the gate's (`--exempt-namespaces`).
+pub const DEFAULT_EXEMPT_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-node-lease",
+    "kube-public",
+    "confidential-system",
+];
 
 /// Whether `policy` covers `namespace`.
 pub fn covers(policy: &ImagePolicy, namespace: &str) -> bool {
@@ -234,8 +254,28 @@ pub fn check_image(policy: &ImagePolicy, image: &str) -> Option<String> {
     ))
 }
 
+/// Whether the old object had this very container (same list, same name)
+/// running this image.
+fn ran_before(old: Option<&PodSpecImages>, what: &str, container: &Container) -> bool {
+    old.is_some_and(|o| {
+        o.all().any(|(old_what, c)| {
+            old_what == what && c.name == container.name && c.image == container.image
+        })
+    })
+}
+
+/// Why an image cannot run where no ImagePolicy covers the namespace.
+fn unmeasured_without_policy(image: &str) -> String {
+    match ImageRef::parse(image) {
+        Err(e) => format!("image {image:?} is not a valid reference: {e}"),
+        Ok(parsed) if parsed.digest.is_none() => format!("image {image:?} is not pinned by digest"),
+        Ok(_) => format!("image {image:?} is pinned, but no ImagePolicy allows it"),
+    }
+}
+
 /// Decides the images of a workload in `namespace`. `old` is the old object's
-/// pod spec on UPDATE.
+/// pod spec on UPDATE; `exempt_namespaces` are the webhook's configured
+/// exemptions, which apply only where no ImagePolicy covers the namespace.
 pub fn validate(
     kind: &str,
     name: &str,
@@ -243,26 +283,58 @@ pub fn validate(
     new: &PodSpecImages,
     old: Option<&PodSpecImages>,
     policies: &[Arc<ImagePolicy>],
+    exempt_namespaces: &[String],
 ) -> Decision {
     let covering: Vec<&ImagePolicy> = policies
         .iter()
         .map(AsRef::as_ref)
         .filter(|p| covers(p, namespace))
         .collect();
+    let to_check: Vec<(&str, &Container, &str)> = new
+        .all()
+        .filter(|(what, container)| !ran_before(old, what, container))
+        .filter_map(|(what, container)| {
+            container
+                .image
+                .as_deref()
+                .map(|image| (what, container, image))
+        })
+        .collect();
     if covering.is_empty() {
-        return Decision::allow("not_covered");
+        let exempt = exempt_namespaces.iter().any(|n| n == namespace)
+            || policies
+                .iter()
+                .any(|p| p.spec.exempt_namespaces.iter().any(|n| n == namespace));
+        if exempt {
+            return Decision::allow("exempt_namespace");
+        }
+        if to_check.is_empty() {
+            return Decision::allow("not_covered");
+        }
+        let problems: Vec<String> = to_check
+            .iter()
+            .map(|(what, container, image)| {
+                format!(
+                    "{what} {:?}: {}",
+                    container.name,
+                    unmeasured_without_policy(image)
+                )
+            })
+            .collect();
+        return Decision::deny(
+            "no_image_policy",
+            format!(
+                "{kind} {namespace}/{name}: no ImagePolicy covers namespace {namespace:?}, and images must be measured (pinned by digest and allowed) where none does: {}. \
+                 Add an ImagePolicy whose spec.namespaces includes {namespace:?} (or is empty) and that allows these images \
+                 (spec.allowedDigests, spec.allowedRepositories, spec.tagDigests to learn the pins), \
+                 or one with spec.mode: Warn to admit unmeasured images with a warning",
+                problems.join("; ")
+            ),
+        );
     }
-    let already_running =
-        |image: &str| old.is_some_and(|o| o.all().any(|(_, c)| c.image.as_deref() == Some(image)));
     let mut refusals = Vec::new();
     let mut warnings = Vec::new();
-    for (what, container) in new.all() {
-        let Some(image) = container.image.as_deref() else {
-            continue;
-        };
-        if already_running(image) {
-            continue;
-        }
+    for (what, container, image) in to_check {
         for policy in &covering {
             if let Some(problem) = check_image(policy, image) {
                 let policy_name = policy.metadata.name.as_deref().unwrap_or("<unnamed>");
@@ -291,243 +363,5 @@ pub fn validate(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use confidential_api::ImagePolicySpec;
-
-    const DIGEST: &str = "sha256:0d17b565c37bcbd895e9d92315a05c1c3c9a29f762b011a10c54a66cd53c9b31";
-    const OTHER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-
-    fn image_policy(mode: PolicyMode) -> Arc<ImagePolicy> {
-        let mut spec = ImagePolicySpec {
-            mode,
-            allowed_digests: vec![DIGEST.to_owned()],
-            allowed_repositories: vec!["ghcr.io/acme/*".to_owned()],
-            exempt_namespaces: vec!["kube-system".to_owned()],
-            ..Default::default()
-        };
-        spec.tag_digests
-            .insert("nginx:latest".to_owned(), DIGEST.to_owned());
-        Arc::new(ImagePolicy::new("measured", spec))
-    }
-
-    fn spec_of(images: &[&str]) -> PodSpecImages {
-        PodSpecImages {
-            containers: images
-                .iter()
-                .enumerate()
-                .map(|(i, image)| Container {
-                    name: format!("c{i}"),
-                    image: Some((*image).to_owned()),
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    fn decide(images: &[&str], mode: PolicyMode) -> Decision {
-        validate(
-            "Deployment",
-            "web",
-            "apps",
-            &spec_of(images),
-            None,
-            &[image_policy(mode)],
-        )
-    }
-
-    #[test]
-    fn tag_only_is_refused_with_the_pin() {
-        let d = decide(&["nginx:latest"], PolicyMode::Enforce);
-        assert!(!d.allowed);
-        assert_eq!(d.reason, "unmeasured_image");
-        assert!(
-            d.message.contains(&format!("nginx@{DIGEST}")),
-            "{}",
-            d.message
-        );
-        assert!(d.message.contains("Deployment apps/web"), "{}", d.message);
-        // Same pin for the normalised spelling.
-        let d = decide(&["docker.io/library/nginx:latest"], PolicyMode::Enforce);
-        assert!(
-            d.message
-                .contains(&format!("docker.io/library/nginx@{DIGEST}")),
-            "{}",
-            d.message
-        );
-        // No suggestion when the tag is unknown.
-        let d = decide(&["redis:7"], PolicyMode::Enforce);
-        assert!(d.message.contains("sha256:<digest>"), "{}", d.message);
-    }
-
-    #[test]
-    fn allowed_digest_or_repository_is_admitted() {
-        assert!(decide(&[&format!("nginx@{DIGEST}")], PolicyMode::Enforce).allowed);
-        assert!(decide(&[&format!("nginx:latest@{DIGEST}")], PolicyMode::Enforce).allowed);
-        assert!(decide(&[&format!("ghcr.io/acme/app@{OTHER}")], PolicyMode::Enforce).allowed);
-        let d = decide(&[&format!("nginx@{OTHER}")], PolicyMode::Enforce);
-        assert!(!d.allowed);
-        assert!(d.message.contains("neither its digest"), "{}", d.message);
-    }
-
-    #[test]
-    fn every_container_kind_is_checked() {
-        let mut spec = spec_of(&[&format!("nginx@{DIGEST}")]);
-        spec.init_containers.push(Container {
-            name: "init".into(),
-            image: Some("busybox".into()),
-        });
-        let d = validate(
-            "Pod",
-            "p",
-            "apps",
-            &spec,
-            None,
-            &[image_policy(PolicyMode::Enforce)],
-        );
-        assert!(
-            d.message.contains("init container \"init\""),
-            "{}",
-            d.message
-        );
-        let mut spec = spec_of(&[]);
-        spec.ephemeral_containers.push(Container {
-            name: "debug".into(),
-            image: Some("busybox".into()),
-        });
-        let d = validate(
-            "Pod",
-            "p",
-            "apps",
-            &spec,
-            None,
-            &[image_policy(PolicyMode::Enforce)],
-        );
-        assert!(
-            d.message.contains("ephemeral container \"debug\""),
-            "{}",
-            d.message
-        );
-    }
-
-    #[test]
-    fn warn_mode_admits_with_warnings() {
-        let d = decide(&["nginx:latest"], PolicyMode::Warn);
-        assert!(d.allowed);
-        assert_eq!(d.reason, "warned");
-        assert_eq!(d.warnings.len(), 1);
-        assert!(d.warnings[0].contains(&format!("nginx@{DIGEST}")));
-    }
-
-    #[test]
-    fn exempt_and_uncovered_namespaces_are_admitted() {
-        let p = image_policy(PolicyMode::Enforce);
-        let d = validate(
-            "Pod",
-            "p",
-            "kube-system",
-            &spec_of(&["nginx"]),
-            None,
-            std::slice::from_ref(&p),
-        );
-        assert_eq!(d.reason, "not_covered");
-        let mut only = (*p).clone();
-        only.spec.namespaces = vec!["prod".into()];
-        let only = Arc::new(only);
-        assert!(
-            validate(
-                "Pod",
-                "p",
-                "dev",
-                &spec_of(&["nginx"]),
-                None,
-                std::slice::from_ref(&only)
-            )
-            .allowed
-        );
-        assert!(!validate("Pod", "p", "prod", &spec_of(&["nginx"]), None, &[only]).allowed);
-        assert_eq!(
-            validate("Pod", "p", "prod", &spec_of(&["nginx"]), None, &[]).reason,
-            "not_covered"
-        );
-    }
-
-    #[test]
-    fn updates_only_check_new_images() {
-        let old = spec_of(&["nginx:latest"]);
-        let same = spec_of(&["nginx:latest"]);
-        let policies = [image_policy(PolicyMode::Enforce)];
-        assert!(validate("Deployment", "w", "apps", &same, Some(&old), &policies).allowed);
-        let changed = spec_of(&["nginx:1.27"]);
-        assert!(!validate("Deployment", "w", "apps", &changed, Some(&old), &policies).allowed);
-    }
-
-    #[test]
-    fn pin_patch_pins_known_tags_only() {
-        let mut spec = spec_of(&["nginx:latest", "redis:7", &format!("nginx@{DIGEST}")]);
-        spec.init_containers.push(Container {
-            name: "init".into(),
-            image: Some("docker.io/library/nginx".into()),
-        });
-        let patch = pin_patch(
-            "Deployment",
-            "apps",
-            &spec,
-            &[image_policy(PolicyMode::Enforce)],
-        );
-        assert_eq!(
-            patch,
-            vec![
-                serde_json::json!({"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": format!("nginx:latest@{DIGEST}")}),
-                serde_json::json!({"op": "replace", "path": "/spec/template/spec/initContainers/0/image", "value": format!("docker.io/library/nginx@{DIGEST}")}),
-            ]
-        );
-        // The pinned reference is what the validating rule admits.
-        let pinned = format!("nginx:latest@{DIGEST}");
-        assert!(decide(&[&pinned], PolicyMode::Enforce).allowed);
-        // Not in covered namespaces.
-        assert!(
-            pin_patch(
-                "Pod",
-                "kube-system",
-                &spec,
-                &[image_policy(PolicyMode::Enforce)]
-            )
-            .is_empty()
-        );
-        assert_eq!(
-            pod_spec_pointer("CronJob"),
-            "/spec/jobTemplate/spec/template/spec"
-        );
-    }
-
-    #[test]
-    fn pod_specs_are_found_in_every_workload_kind() {
-        let template = r#"{"spec":{"containers":[{"name":"a","image":"x"}]}}"#;
-        let cases = [
-            (
-                "Pod",
-                r#"{"spec":{"containers":[{"name":"a","image":"x"}]}}"#.to_owned(),
-            ),
-            (
-                "Deployment",
-                format!(r#"{{"spec":{{"template":{template}}}}}"#),
-            ),
-            ("PodTemplate", format!(r#"{{"template":{template}}}"#)),
-            (
-                "CronJob",
-                format!(r#"{{"spec":{{"jobTemplate":{{"spec":{{"template":{template}}}}}}}}}"#),
-            ),
-        ];
-        for (kind, json) in cases {
-            let spec = pod_spec(kind, &json).unwrap();
-            assert_eq!(spec.containers.len(), 1, "{kind}");
-            assert_eq!(spec.containers[0].image.as_deref(), Some("x"));
-        }
-        assert!(pod_spec("Deployment", "{}").unwrap().containers.is_empty());
-        assert!(pod_spec("Pod", r#"{"spec":{"containers":"no"}}"#).is_err());
-        assert!(is_workload("apps", "Deployment"));
-        assert!(is_workload("batch", "CronJob"));
-        assert!(!is_workload("apps", "Pod"));
-    }
-}
+#[path = "workload_tests.rs"]
+mod tests;

@@ -53,6 +53,7 @@ pub fn signed_entry(image: &str, key: &SigningKey) -> Result<MeasuredImage> {
             },
         )]
         .into(),
+        snp: None,
         publisher: "acme".to_owned(),
         signature: String::new(),
     };
@@ -187,6 +188,9 @@ impl Env {
             tls_reload_interval: Duration::from_millis(100),
             max_body_bytes: 3 * 1024 * 1024,
             kubeconfig: None,
+            exempt_namespaces: confidential_webhook::validate::workload::DEFAULT_EXEMPT_NAMESPACES
+                .map(str::to_owned)
+                .to_vec(),
         };
         let (webhook, running) = server::start(client.clone(), &args).await?;
         let url = format!("https://127.0.0.1:{}/validate", running.addr.port());

@@ -94,8 +94,13 @@ fn the_file_on_disk_is_exactly_what_is_signed() -> Result<()> {
     use base64::Engine;
     let der = base64::engine::general_purpose::STANDARD
         .decode(std::fs::read_to_string(publisher.p("m.json.sig"))?.trim())?;
-    let signature = p256::ecdsa::Signature::from_der(&der)?;
-    publisher.key.verifying_key().verify(&bytes, &signature)?;
+    let signature =
+        p256::ecdsa::Signature::from_der(&der).map_err(|e| anyhow::anyhow!("signature: {e}"))?;
+    publisher
+        .key
+        .verifying_key()
+        .verify(&bytes, &signature)
+        .map_err(|e| anyhow::anyhow!("the signature is not over the file's bytes: {e}"))?;
 
     let verify = |file: &str, key: &str, extra: &[&str]| {
         let mut args = vec!["measurements", "verify", "--key", key, "--signature"];

@@ -69,29 +69,22 @@ fn krew_installs_the_plugin_and_kubectl_finds_it() -> Result<()> {
     let receipt = std::fs::read_to_string(root.join("receipts/confidential.yaml"))?;
     assert!(receipt.contains("version: v0.1.0"), "{receipt}");
 
-    // kubectl discovers plugins on PATH.
-    if Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_ok()
-    {
-        let path = format!(
-            "{}:{}",
-            root.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let out = Command::new("kubectl")
-            .env("PATH", path)
-            .args(["confidential", "--help"])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("verify"));
-    }
+    // kubectl (built with the test control plane) discovers plugins on PATH.
+    let path = format!(
+        "{}:{}",
+        root.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(confidential_testenv::binaries::kubectl()?)
+        .env("PATH", path)
+        .args(["confidential", "--help"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verify"));
     Ok(())
 }
 

@@ -23,19 +23,23 @@ pub const KUBERNETES_VERSION: &str = "1.35.4";
 /// etcd release the control plane is built from.
 pub const ETCD_VERSION: &str = "3.6.16";
 
-/// Paths of the four control-plane binaries.
+/// Paths of the four control-plane binaries and of `kubectl` (built from the
+/// same module, so tests never depend on a `kubectl` that happens to be on
+/// the host's `PATH`).
 #[derive(Clone, Debug)]
 pub struct Binaries {
     pub etcd: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
     pub kube_scheduler: PathBuf,
+    pub kubectl: PathBuf,
 }
 
-const KUBE_COMMANDS: [&str; 3] = [
+const KUBE_COMMANDS: [&str; 4] = [
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
+    "kubectl",
 ];
 
 /// The directory binaries of this version are cached in.
@@ -90,7 +94,13 @@ pub fn ensure() -> Result<Binaries> {
         kube_apiserver: pick("kube-apiserver"),
         kube_controller_manager: pick("kube-controller-manager"),
         kube_scheduler: pick("kube-scheduler"),
+        kubectl: pick("kubectl"),
     })
+}
+
+/// The `kubectl` built with the control plane (or `KUBEBUILDER_ASSETS/kubectl`).
+pub fn kubectl() -> Result<PathBuf> {
+    Ok(ensure()?.kubectl)
 }
 
 fn go(dir: &Path) -> Command {
@@ -149,7 +159,7 @@ fn build_kubernetes(cache: &Path) -> Result<()> {
     let src = cache.join("src-kubernetes");
     std::fs::create_dir_all(&src)?;
     eprintln!(
-        "testenv: building kube-apiserver, kube-controller-manager and kube-scheduler v{KUBERNETES_VERSION} \
+        "testenv: building kube-apiserver, kube-controller-manager, kube-scheduler and kubectl v{KUBERNETES_VERSION} \
          from the Go modules into {} (first run only; several minutes on 2 cores)",
         cache.display()
     );

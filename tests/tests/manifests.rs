@@ -16,12 +16,12 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("kubectl")
+    let out = Command::new(confidential_testenv::binaries::kubectl()?)
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(args)
         .output()
-        .context("running kubectl (is it on PATH?)")?;
+        .context("running the test environment's kubectl")?;
     if !out.status.success() {
         bail!(
             "kubectl {args:?} failed: {}",

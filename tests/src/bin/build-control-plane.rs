@@ -16,5 +16,6 @@ fn main() -> anyhow::Result<()> {
         "kube-scheduler          {}",
         binaries.kube_scheduler.display()
     );
+    println!("kubectl                 {}", binaries.kubectl.display());
     Ok(())
 }

@@ -57,7 +57,12 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let serving = futures::future::try_join_all(joins).await?;
     let join_s = started.elapsed().as_secs_f64();
-    let mut args = vec!["verify".to_owned(), "--all-nodes".into(), "-o".into(), "json".into()];
+    let mut args = vec![
+        "verify".to_owned(),
+        "--all-nodes".into(),
+        "-o".into(),
+        "json".into(),
+    ];
     args.extend(env.trust_args());
     let mut walls = Vec::new();
     for _ in 0..3 {
@@ -80,7 +85,10 @@ async fn main() -> Result<()> {
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("verify_all_nodes.json"), serde_json::to_vec_pretty(&results)? )?;
+    std::fs::write(
+        dir.join("verify_all_nodes.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
     println!("{results:#}");
     drop(serving);
     Ok(())

@@ -285,10 +285,17 @@ async fn connection_flags_and_kubeconfigs_work_like_kubectl() -> Result<()> {
     )
     .await?;
     assert!(out.status.success(), "--cluster: {}", text(&out.stderr));
+    // --server overrides the kubeconfig's server (its CA still applies).
+    let wrong_server = home.join("wrong-server.yaml");
+    std::fs::write(
+        &wrong_server,
+        kubeconfig("https://127.0.0.1:1", &ca_b64, &token_user, ""),
+    )?;
+    let wrong_server = wrong_server.display().to_string();
     let out = run(
         home,
         vec![],
-        version(&["--kubeconfig", &kc, "--server", &server]),
+        version(&["--kubeconfig", &wrong_server, "--server", &server]),
     )
     .await?;
     assert!(out.status.success(), "--server: {}", text(&out.stderr));

@@ -49,8 +49,8 @@ from the cluster.";
 
 #[derive(clap::Args, Debug)]
 #[command(after_long_help = PROVES)]
-#[command(group(clap::ArgGroup::new("nodes").required(true).args(["node", "all_nodes"])))]
-#[command(group(clap::ArgGroup::new("cluster").required(true).args(["cluster_file", "cluster_id"])))]
+#[command(group(clap::ArgGroup::new("node_selection").required(true).args(["node", "all_nodes"])))]
+#[command(group(clap::ArgGroup::new("cluster_identity").required(true).args(["cluster_file", "cluster_id"])))]
 pub struct VerifyArgs {
     /// Node to verify (repeatable).
     #[arg(long)]

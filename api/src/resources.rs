@@ -252,6 +252,10 @@ pub struct NodeVersionStatus {
 
 /// The record of one successful (or refused) attestation of a node. Written
 /// only by the gate; read by the webhook and the controllers.
+///
+/// Printer columns: `Expires` (like `PendingNode`'s `Deadline`) is a future
+/// time, so it is a `string` column in `date-time` format: kubectl renders
+/// `date` columns as an age, which is `<invalid>` for a time in the future.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "confidential.dev",
@@ -262,7 +266,8 @@ pub struct NodeVersionStatus {
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
     printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.image"}"#,
     printcolumn = r#"{"name":"Verdict","type":"string","jsonPath":".spec.verdict"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#
+    printcolumn = r#"{"name":"Attested","type":"date","jsonPath":".spec.attestedAt"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","format":"date-time","jsonPath":".spec.expiresAt"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeAttestationSpec {
@@ -367,7 +372,7 @@ pub struct NodeAttestationStatus {
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
     printcolumn = r#"{"name":"Goal","type":"string","jsonPath":".spec.goal"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
-    printcolumn = r#"{"name":"Deadline","type":"date","jsonPath":".spec.deadline"}"#
+    printcolumn = r#"{"name":"Deadline","type":"string","format":"date-time","jsonPath":".spec.deadline"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PendingNodeSpec {

@@ -16,10 +16,13 @@
 //! so their signatures stay valid.
 //!
 //! Canonical bytes are the compact JSON of the file with keys in a fixed order
-//! and PCR indices as decimal strings in numeric order. Signing the canonical
-//! form (and not whatever bytes a publisher happened to write) lets the cluster
-//! store the parsed measurements in an `AttestationPolicy` and still verify the
-//! signature later; `kubectl confidential measurements` writes canonical files.
+//! and PCR indices as decimal strings in numeric order, followed by one `\n`
+//! (a text file, as `compute` writes it). Signing the canonical form (and not
+//! whatever bytes a publisher happened to write) lets the cluster store the
+//! parsed measurements in an `AttestationPolicy` and still verify the signature
+//! later. The file on disk *is* the canonical bytes, so `cosign sign-blob` over
+//! the file and our signature over the parsed file sign the same bytes;
+//! [`MeasurementFile::from_canonical_json`] refuses any other formatting.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,6 +51,11 @@ pub enum MeasurementError {
     BadLength { pcr: u8, len: usize },
     #[error("measurement file is not valid JSON: {0}")]
     BadFile(String),
+    #[error(
+        "measurement file is not in canonical form (compact JSON, PCRs in numeric order, one trailing newline); \
+         signatures are over the canonical bytes: rewrite it with `kubectl confidential measurements compute`"
+    )]
+    NotCanonical,
     #[error("public key is not a PEM ECDSA P-256 key: {0}")]
     BadPublicKey(String),
     #[error("signature is not base64 DER ECDSA: {0}")]
@@ -240,8 +248,8 @@ struct WireSnp {
 }
 
 impl MeasurementFile {
-    /// The bytes a publisher signs: compact JSON, fixed key order, PCRs in
-    /// numeric order.
+    /// The bytes a publisher signs and the file holds: compact JSON, fixed key
+    /// order, PCRs in numeric order, one trailing newline.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         // BTreeMap<String> would sort "10" before "9"; build the object by hand
         // in numeric order instead.
@@ -268,7 +276,7 @@ impl MeasurementFile {
                 snp.allow_migration_agent
             ));
         }
-        out.push('}');
+        out.push_str("}\n");
         out.into_bytes()
     }
 
@@ -295,6 +303,16 @@ impl MeasurementFile {
             image: wire.image,
             measurements: Measurements::new(values)?.with_snp(snp),
         })
+    }
+
+    /// Parses a measurement file that must be exactly its canonical bytes, as
+    /// a signed file on disk is (cosign signs the file's bytes as they are).
+    pub fn from_canonical_json(bytes: &[u8]) -> Result<Self, MeasurementError> {
+        let file = Self::from_json(bytes)?;
+        if file.canonical_bytes() != bytes {
+            return Err(MeasurementError::NotCanonical);
+        }
+        Ok(file)
     }
 
     /// Signs the canonical bytes as `cosign sign-blob --key` does: ECDSA P-256
@@ -432,6 +450,25 @@ mod tests {
             MeasurementFile::from_json(text.as_bytes()).expect("parse"),
             f
         );
+        assert!(
+            text.ends_with("}}\n") && !text.ends_with("\n\n"),
+            "{text:?}"
+        );
+        assert_eq!(
+            MeasurementFile::from_canonical_json(text.as_bytes()).expect("canonical"),
+            f
+        );
+        for other in [
+            text.trim_end().to_owned(),
+            format!("{text}\n"),
+            text.replace(':', ": "),
+        ] {
+            assert_eq!(
+                MeasurementFile::from_canonical_json(other.as_bytes()),
+                Err(MeasurementError::NotCanonical),
+                "{other:?}"
+            );
+        }
         let pretty = "{ \"measurements\": {\"11\": {\"expected\": \"0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b\"}}, \"image\": \"x\" }";
         let parsed = MeasurementFile::from_json(pretty.as_bytes()).expect("parse pretty");
         assert_eq!(

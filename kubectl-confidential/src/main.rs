@@ -3,19 +3,21 @@
 //! cluster, and through which image publishers compute and sign measurements.
 //!
 //! Installed on `PATH` (by Krew or by hand) it runs as `kubectl confidential`.
-//! It takes kubectl's global flags (`--kubeconfig`, `--context`, `-n`) and
-//! prints `-o json|yaml` where kubectl would.
+//! It takes kubectl's connection flags (see [`connection`]) and prints
+//! `-o json|yaml` where kubectl would.
 
+mod completion;
+mod connection;
 mod measurements;
 mod output;
 mod preflight;
 mod status;
 mod upgrade;
+mod verify;
+mod version;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use kube::Client;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// Manage confidential Kubernetes clusters.
 #[derive(Parser, Debug)]
@@ -25,14 +27,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
     version,
     about
 )]
-struct Cli {
-    /// Path to the kubeconfig file to use.
-    #[arg(long, global = true, env = "KUBECONFIG")]
-    kubeconfig: Option<std::path::PathBuf>,
-    /// The kubeconfig context to use.
-    #[arg(long, global = true)]
-    context: Option<String>,
-    /// Namespace of the confidential components.
+pub struct Cli {
+    #[command(flatten)]
+    connection: connection::ConnectionArgs,
+    /// Namespace of the confidential components (the gate and the node
+    /// operator); used by `version`. Our resources are cluster-scoped.
     #[arg(short = 'n', long, global = true, default_value = confidential_api::keys::NAMESPACE)]
     namespace: String,
     #[command(subcommand)]
@@ -43,51 +42,50 @@ struct Cli {
 enum Command {
     /// Initialise a cluster: generate the master secret, install CRDs and components.
     Init,
-    /// Verify the cluster (or one node) by remote attestation with a fresh nonce.
-    Verify,
+    /// Verify nodes by remote attestation over aTLS against local trusted measurements.
+    Verify(verify::VerifyArgs),
     /// Roll a node pool to a new node image or Kubernetes version.
     Upgrade(upgrade::UpgradeArgs),
     /// Show node pools, attestations and pending machines.
     Status(status::StatusArgs),
     /// Recover a cluster whose control-plane nodes all rebooted.
     Recover,
-    /// Compute, sign and verify node-image measurement files.
+    /// Compute, sign, verify, fetch and add node-image measurement files.
     #[command(subcommand)]
     Measurements(measurements::MeasurementsCommand),
-}
-
-/// Connects with kubectl's flags: `--kubeconfig` (else `KUBECONFIG`, else
-/// `~/.kube/config`, else in-cluster) and `--context`.
-async fn client(cli: &Cli) -> Result<Client> {
-    let options = KubeConfigOptions {
-        context: cli.context.clone(),
-        ..Default::default()
-    };
-    let config = match &cli.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).with_context(|| {
-                format!("reading kubeconfig {}; check --kubeconfig", path.display())
-            })?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &options).await
-        }
-        None => kube::Config::from_kubeconfig(&options).await,
-    }
-    .context("loading the kubeconfig; pass --kubeconfig or --context, or set KUBECONFIG")?;
-    Client::try_from(config).context("building the Kubernetes client")
+    /// Print the plugin's version and, when the cluster is reachable, the
+    /// installed gate, operator and CRD versions.
+    Version(version::VersionArgs),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completion(completion::CompletionArgs),
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    // kubectl's plugin completion: the words are not ours to parse (they may
+    // be half-typed flags), so this bypasses clap.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(completion::COMPLETE_COMMAND) {
+        return completion::run_complete(&args[2..]);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
     match &cli.command {
-        Command::Measurements(command) => measurements::run(command),
-        Command::Status(args) => status::run(&client(&cli).await?, args).await,
-        Command::Upgrade(args) => upgrade::run(&client(&cli).await?, args).await,
+        Command::Measurements(command) => measurements::run(&cli.connection, command).await,
+        Command::Status(args) => status::run(&cli.connection.client().await?, args).await,
+        Command::Upgrade(args) => upgrade::run(&cli.connection.client().await?.client, args).await,
+        Command::Verify(args) => verify::run(&cli.connection, args).await,
+        Command::Version(args) => version::run(&cli.connection, &cli.namespace, args).await,
+        Command::Completion(args) => completion::run(args),
         other => bail!(
             "`kubectl confidential {}` is not available in this version yet; see `kubectl confidential --help`",
             format!("{other:?}").to_lowercase()

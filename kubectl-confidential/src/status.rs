@@ -1,19 +1,24 @@
 //! `kubectl confidential status`: node pools, attestations and pending
 //! machines at a glance, or as JSON/YAML for scripts and auditors.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use confidential_api::{NodeAttestation, NodeVersion, PendingNode};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use kube::{Client, ResourceExt};
 use serde::Serialize;
 
-use crate::output::{Format, print_structured, print_table};
+use crate::connection::Cluster;
+use crate::output::{Format, hide_managed_fields, print_structured, print_table};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     output: Format,
+    /// Keep `metadata.managedFields` in JSON/YAML output (hidden by
+    /// default, as kubectl does).
+    #[arg(long)]
+    show_managed_fields: bool,
 }
 
 #[derive(Serialize)]
@@ -24,32 +29,35 @@ struct Status {
     pending_nodes: Vec<PendingNode>,
 }
 
-const MISSING_CRDS: &str =
-    "is kubectl-confidential installed in this cluster? (`kubectl confidential init`)";
-
-pub async fn run(client: &Client, args: &StatusArgs) -> Result<()> {
+pub async fn run(cluster: &Cluster, args: &StatusArgs) -> Result<()> {
     let lp = ListParams::default();
-    let status = Status {
+    let client = &cluster.client;
+    let mut status = Status {
         node_versions: Api::<NodeVersion>::all(client.clone())
             .list(&lp)
             .await
-            .with_context(|| format!("listing NodeVersions; {MISSING_CRDS}"))?
+            .map_err(|e| cluster.explain("listing NodeVersions", e))?
             .items,
         node_attestations: Api::<NodeAttestation>::all(client.clone())
             .list(&lp)
             .await
-            .with_context(|| format!("listing NodeAttestations; {MISSING_CRDS}"))?
+            .map_err(|e| cluster.explain("listing NodeAttestations", e))?
             .items,
         pending_nodes: Api::<PendingNode>::all(client.clone())
             .list(&lp)
             .await
-            .with_context(|| format!("listing PendingNodes; {MISSING_CRDS}"))?
+            .map_err(|e| cluster.explain("listing PendingNodes", e))?
             .items,
     };
     // Warnings go to stderr, as kubectl prints them, so -o json stays clean.
     match crate::preflight::kubeadm_autoapprove_bindings(client).await {
         Ok(warnings) => warnings.iter().for_each(|w| eprintln!("Warning: {w}")),
         Err(err) => eprintln!("Warning: could not check for CSR auto-approval bindings: {err:#}"),
+    }
+    if !args.show_managed_fields {
+        hide_managed_fields(&mut status.node_versions);
+        hide_managed_fields(&mut status.node_attestations);
+        hide_managed_fields(&mut status.pending_nodes);
     }
     if print_structured(args.output, &status)? {
         return Ok(());

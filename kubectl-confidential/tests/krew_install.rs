@@ -52,6 +52,14 @@ fn krew_installs_the_plugin_and_kubectl_finds_it() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The archive ships kubectl's plugin-completion helper next to the binary.
+    let store = root.join("store/confidential/v0.1.0");
+    let helper = std::fs::read_to_string(store.join("kubectl_complete-confidential"))?;
+    assert!(
+        helper.contains("kubectl-confidential __complete"),
+        "{helper}"
+    );
+
     let installed = root.join("bin/kubectl-confidential");
     let version = Command::new(&installed).arg("--version").output()?;
     assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use anyhow::Result;
-use confidential_api::{NodeVersion, NodeVersionSpec};
+use confidential_api::{NodeAttestation, NodeVersion, NodeVersionSpec};
 use confidential_testenv::{TestCluster, crds_dir, install_crds, unique_name};
 use kube::api::{Api, PostParams};
 
@@ -48,6 +48,10 @@ async fn status_reports_pools_as_table_json_and_yaml() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("managedFields"),
+        "managedFields are hidden, as kubectl hides them"
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let pools = json["nodeVersions"].as_array().expect("nodeVersions array");
     let ours = pools
@@ -55,6 +59,12 @@ async fn status_reports_pools_as_table_json_and_yaml() -> Result<()> {
         .find(|p| p["metadata"]["name"] == name.as_str())
         .expect("our pool is listed");
     assert_eq!(ours["spec"]["image"], "registry.example/node:v7");
+
+    let out = plugin(
+        &cluster.kubeconfig,
+        &["status", "-o", "json", "--show-managed-fields"],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("managedFields"));
 
     let out = plugin(&cluster.kubeconfig, &["status", "-o", "yaml"]);
     assert!(out.status.success());
@@ -72,6 +82,38 @@ async fn status_reports_pools_as_table_json_and_yaml() -> Result<()> {
         row.contains("registry.example/node:v7") && row.contains("v1.35.4"),
         "{row}"
     );
+
+    // `kubectl get nodeattestations` shows when an attestation expires (a
+    // future time) as a time, not as kubectl's `<invalid>` age.
+    let attestation: NodeAttestation = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": unique_name("natt") },
+        "spec": {
+            "nodeName": "node-a", "evidenceKind": "Tpm", "image": "registry.example/node:v7",
+            "akFingerprint": "00", "attestedAt": "2026-01-01T00:00:00Z",
+            "expiresAt": "2999-01-01T00:00:00Z", "verdict": "Trusted"
+        }
+    }))?;
+    Api::<NodeAttestation>::all(cluster.client.clone())
+        .create(&PostParams::default(), &attestation)
+        .await?;
+    if let Ok(out) = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["get", "nodeattestations"])
+        .output()
+    {
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            table.contains("EXPIRES") && table.contains("2999-01-01T00:00:00Z"),
+            "{table}"
+        );
+        assert!(!table.contains("<invalid>"), "{table}");
+    }
 
     // A kubeconfig that does not exist is a clear error.
     let out = plugin(std::path::Path::new("/no/such/kubeconfig"), &["status"]);

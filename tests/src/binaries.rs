@@ -286,6 +286,41 @@ pub fn ensure_krew() -> Result<PathBuf> {
     Ok(krew)
 }
 
+/// cosign release used by the measurement-signature compatibility tests.
+pub const COSIGN_VERSION: &str = "2.6.5";
+
+/// Returns the `cosign` binary, building it once with `go install` from
+/// `github.com/sigstore/cosign/v2/cmd/cosign` (cached like the control
+/// plane, about seven minutes on 2 busy cores; `COSIGN` names an existing
+/// binary instead).
+pub fn ensure_cosign() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("COSIGN").map(PathBuf::from) {
+        return Ok(path);
+    }
+    let dir = cache_dir().join(format!("cosign-v{COSIGN_VERSION}"));
+    let cosign = dir.join("cosign");
+    if cosign.is_file() {
+        return Ok(cosign);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let lock = File::create(dir.join(".lock")).context("creating cosign build lock")?;
+    lock.lock().context("locking the cosign build")?;
+    if !cosign.is_file() {
+        eprintln!(
+            "testenv: building cosign v{COSIGN_VERSION} from github.com/sigstore/cosign/v2 (first run only)"
+        );
+        let mut install = go(&dir);
+        install.env("GOBIN", &dir).args([
+            "install",
+            "-ldflags",
+            "-s -w",
+            &format!("github.com/sigstore/cosign/v2/cmd/cosign@v{COSIGN_VERSION}"),
+        ]);
+        run(install, "go install of cosign")?;
+    }
+    Ok(cosign)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
-//! Krew packaging: one `.tar.gz` per platform holding the plugin binary and
+//! Krew packaging: one `.tar.gz` per platform holding the plugin binary, the
+//! `kubectl_complete-confidential` helper of kubectl's plugin completion and
 //! the licence, and the plugin manifest rendered from
 //! `krew/confidential.yaml.tmpl` with each archive's URL and SHA-256.
 
@@ -72,6 +73,7 @@ pub fn package(
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let licence = repo_root().join("LICENSE");
+    let helper = repo_root().join("krew").join(COMPLETE_HELPER);
     let mut archives = Vec::new();
     let mut entries = String::new();
     for platform in platforms {
@@ -86,10 +88,10 @@ pub fn package(
             platform.os, platform.arch
         );
         let path = out.join(&name);
-        write_archive(&path, &platform.binary, &licence)?;
+        write_archive(&path, &platform.binary, &helper, &licence)?;
         let sha = hex::encode(Sha256::digest(std::fs::read(&path)?));
         entries.push_str(&format!(
-            "  - selector:\n      matchLabels:\n        os: {os}\n        arch: {arch}\n    uri: {base}/{name}\n    sha256: {sha}\n    files:\n    - from: kubectl-confidential\n      to: .\n    - from: LICENSE\n      to: .\n    bin: kubectl-confidential\n",
+            "  - selector:\n      matchLabels:\n        os: {os}\n        arch: {arch}\n    uri: {base}/{name}\n    sha256: {sha}\n    files:\n    - from: kubectl-confidential\n      to: .\n    - from: {COMPLETE_HELPER}\n      to: .\n    - from: LICENSE\n      to: .\n    bin: kubectl-confidential\n",
             os = platform.os,
             arch = platform.arch,
             base = base_url.trim_end_matches('/'),
@@ -110,7 +112,10 @@ pub fn package(
     })
 }
 
-fn write_archive(path: &Path, binary: &Path, licence: &Path) -> Result<()> {
+/// kubectl's plugin completion runs `kubectl_complete-<plugin>` from PATH.
+pub const COMPLETE_HELPER: &str = "kubectl_complete-confidential";
+
+fn write_archive(path: &Path, binary: &Path, helper: &Path, licence: &Path) -> Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
@@ -118,6 +123,8 @@ fn write_archive(path: &Path, binary: &Path, licence: &Path) -> Result<()> {
     tar.sparse(false);
     tar.append_path_with_name(binary, "kubectl-confidential")
         .with_context(|| format!("adding {}", binary.display()))?;
+    tar.append_path_with_name(helper, COMPLETE_HELPER)
+        .with_context(|| format!("adding {}", helper.display()))?;
     tar.append_path_with_name(licence, "LICENSE")
         .context("adding LICENSE")?;
     tar.into_inner()?.finish()?;

@@ -1,111 +1,20 @@
-//! `kubectl confidential measurements`: what an image publisher runs.
-//!
-//! `compute` replays measured boot over the image's components (the same
-//! replay the firmware performs into the TPM) and writes the canonical
-//! measurement file; `sign` signs it as `cosign sign-blob --key` would;
-//! `verify` checks a signature the way the cluster does.
+//! What an image publisher runs: `compute` replays measured boot over the
+//! image's components (the same replay the firmware performs into the TPM)
+//! and prints the canonical measurement file; `sign` signs a file's bytes as
+//! `cosign sign-blob --key` would, after checking they are canonical (so what
+//! is on disk is exactly what is signed and what the cluster re-verifies).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use clap::Subcommand;
 use confidential_attestation::measurements::{
     Expected, MeasurementFile, Measurements, component_digest, parse_pcr_index, replay,
 };
 use p256::ecdsa::SigningKey;
 use p256::pkcs8::DecodePrivateKey;
 
-#[derive(Subcommand, Debug)]
-pub enum MeasurementsCommand {
-    /// Compute the expected PCR values of a node image from its components.
-    Compute {
-        /// Image reference the measurements are for.
-        #[arg(long)]
-        image: String,
-        /// `PCR=COMPONENT[,COMPONENT...]`; a component is a file path or
-        /// `sha256:<hex>`. Components are extended in the order given.
-        #[arg(long = "pcr", required = true, value_name = "PCR=COMPONENTS")]
-        pcrs: Vec<String>,
-        /// PCRs whose mismatch only warns.
-        #[arg(long = "warn-only", value_name = "PCR")]
-        warn_only: Vec<String>,
-    },
-    /// Sign a measurement file with an ECDSA P-256 key (PKCS#8 or SEC1 PEM);
-    /// prints the base64 signature `cosign sign-blob --key` would print.
-    Sign {
-        /// Private key PEM.
-        #[arg(long)]
-        key: PathBuf,
-        /// The measurement file.
-        file: PathBuf,
-    },
-    /// Verify a measurement file's signature with a publisher public key.
-    Verify {
-        /// Publisher public key PEM (as `cosign generate-key-pair` writes it).
-        #[arg(long)]
-        key: PathBuf,
-        /// Base64 signature, or `@path` to read it from a file.
-        #[arg(long)]
-        signature: String,
-        /// Also require the file to be for this image.
-        #[arg(long)]
-        image: Option<String>,
-        /// The measurement file.
-        file: PathBuf,
-    },
-}
-
-pub fn run(command: &MeasurementsCommand) -> Result<()> {
-    match command {
-        MeasurementsCommand::Compute {
-            image,
-            pcrs,
-            warn_only,
-        } => {
-            let file = compute(image, pcrs, warn_only)?;
-            println!("{file}");
-            Ok(())
-        }
-        MeasurementsCommand::Sign { key, file } => {
-            let file = read_file(file)?;
-            let key = read_signing_key(key)?;
-            println!("{}", file.sign(&key));
-            Ok(())
-        }
-        MeasurementsCommand::Verify {
-            key,
-            signature,
-            image,
-            file,
-        } => {
-            let measurement_file = read_file(file)?;
-            let public_key = std::fs::read_to_string(key)
-                .with_context(|| format!("reading {}", key.display()))?;
-            let signature = match signature.strip_prefix('@') {
-                Some(path) => {
-                    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
-                }
-                None => signature.clone(),
-            };
-            let result = match image {
-                Some(image) => measurement_file.verify_for(image, &signature, &public_key),
-                None => measurement_file.verify(&signature, &public_key),
-            };
-            result.with_context(|| {
-                format!("{} is not signed by {}", file.display(), key.display())
-            })?;
-            println!(
-                "Verified OK: {} for image {}",
-                file.display(),
-                measurement_file.image
-            );
-            Ok(())
-        }
-    }
-}
-
-fn compute(image: &str, pcrs: &[String], warn_only: &[String]) -> Result<MeasurementFile> {
+pub fn compute(image: &str, pcrs: &[String], warn_only: &[String]) -> Result<MeasurementFile> {
     let warn: Vec<u8> = warn_only
         .iter()
         .map(|p| parse_pcr_index(p))
@@ -156,12 +65,14 @@ fn component(text: &str) -> Result<[u8; 32]> {
     Ok(component_digest(&bytes))
 }
 
-fn read_file(path: &PathBuf) -> Result<MeasurementFile> {
+/// Reads a measurement file whose bytes must be canonical.
+pub fn read_canonical(path: &Path) -> Result<MeasurementFile> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    MeasurementFile::from_json(&bytes).with_context(|| format!("parsing {}", path.display()))
+    MeasurementFile::from_canonical_json(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))
 }
 
-fn read_signing_key(path: &PathBuf) -> Result<SigningKey> {
+pub fn read_signing_key(path: &Path) -> Result<SigningKey> {
     let pem =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     if pem.contains("ENCRYPTED") {

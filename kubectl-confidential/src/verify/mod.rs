@@ -1,0 +1,280 @@
+//! `kubectl confidential verify`: the admin checks nodes from outside.
+//!
+//! For each node the plugin opens its own aTLS connection to the node's
+//! attestation endpoint (`/v1/attest`, served by the bootstrapper), and the
+//! node answers with a TPM quote bound to that connection's exporter. The
+//! quote is judged ([`check::check_node`]) against local trusted input only
+//! ([`trust`]): publisher-signed measurement files verified here with the
+//! publisher key, the cluster ID from the local cluster file, the EK CA.
+//! The cluster is asked only which nodes exist, where they listen and which
+//! AK the gate activated for each; it is never asked what to expect.
+
+mod check;
+mod render;
+pub mod trust;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use confidential_api::NodeAttestation;
+use confidential_attestation::atls::{self, AtlsClient, PURPOSE_NODE_ATTEST};
+use confidential_attestation::protocol::{AttestResponse, PATH_ATTEST};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+
+use crate::connection::{Cluster, ConnectionArgs};
+use crate::output::{Format, print_structured};
+use check::{NodeAnswer, NodeReport, Verdict, check_node};
+use trust::{ClusterFile, Trust, parse_hex32, read_ek_cas, read_signed_file};
+
+/// Annotation on a Node naming its attestation endpoint (`host:port`) when
+/// it is not `<InternalIP>:<--attest-port>`.
+pub const ANNOTATION_ATTEST_ENDPOINT: &str = "confidential.dev/attest-endpoint";
+/// Default port of a node's attestation endpoint.
+pub const DEFAULT_ATTEST_PORT: u16 = 9444;
+
+const PROVES: &str = "\
+What a passing verify proves: each node answered on a fresh TLS connection \
+opened by this command with a TPM quote bound to that connection (a relayed or \
+replayed quote fails); the quoted PCRs equal a publisher-signed measurement \
+file you trust (signature checked here with --publisher-key); the cluster-ID \
+PCR holds the cluster ID from your local cluster file; the EK certificate \
+chains to --ek-ca. The endpoint cannot run credential activation, so the AK's \
+link to that certified TPM is the one the gate proved at join: verify requires \
+the AK to equal the gate's record (NodeAttestation). Nothing expected is read \
+from the cluster.";
+
+#[derive(clap::Args, Debug)]
+#[command(after_long_help = PROVES)]
+#[command(group(clap::ArgGroup::new("node_selection").required(true).args(["node", "all_nodes"])))]
+#[command(group(clap::ArgGroup::new("cluster_identity").required(true).args(["cluster_file", "cluster_id"])))]
+pub struct VerifyArgs {
+    /// Node to verify (repeatable).
+    #[arg(long)]
+    node: Vec<String>,
+    /// Verify every Node of the cluster, in parallel.
+    #[arg(long)]
+    all_nodes: bool,
+    /// Publisher-signed measurement file of a trusted node image
+    /// (repeatable); its signature is read from FILE.sig unless --signature.
+    #[arg(long = "measurements", value_name = "FILE", required = true)]
+    measurements: Vec<PathBuf>,
+    /// Signature of the (single) measurement file: base64, or @FILE.
+    #[arg(long)]
+    signature: Option<String>,
+    /// The image publisher's public key (PEM, as `cosign generate-key-pair` writes it).
+    #[arg(long, value_name = "FILE")]
+    publisher_key: PathBuf,
+    /// The local cluster file written by `init`:
+    /// {"clusterId": "<hex>", "gateEndpoint": "host:port", "gatePin": "<hex>"}.
+    #[arg(long, value_name = "FILE")]
+    cluster_file: Option<PathBuf>,
+    /// The cluster ID (64 hex digits) instead of --cluster-file.
+    #[arg(long, value_name = "HEX")]
+    cluster_id: Option<String>,
+    /// PEM certificates of the TPM EK CAs to trust (repeatable).
+    #[arg(long = "ek-ca", value_name = "FILE", required = true)]
+    ek_ca: Vec<PathBuf>,
+    /// The PCR the nodes extend with the cluster ID.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(0..=23))]
+    cluster_id_pcr: u8,
+    /// Port of the nodes' attestation endpoint (unless a Node carries the
+    /// confidential.dev/attest-endpoint annotation).
+    #[arg(long, default_value_t = DEFAULT_ATTEST_PORT)]
+    attest_port: u16,
+    /// Seconds to wait for one node's answer.
+    #[arg(long, default_value_t = 30)]
+    node_timeout: u64,
+    /// Nodes verified at the same time with --all-nodes.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    parallel: u16,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    output: Format,
+}
+
+/// The local trust inputs, read and checked before anything is contacted.
+fn load_trust(args: &VerifyArgs) -> Result<Trust> {
+    if args.signature.is_some() && args.measurements.len() > 1 {
+        bail!(
+            "--signature applies to one --measurements file; put each file's signature in FILE.sig"
+        );
+    }
+    let key_pem = std::fs::read_to_string(&args.publisher_key)
+        .with_context(|| format!("reading the publisher key {}", args.publisher_key.display()))?;
+    let files = args
+        .measurements
+        .iter()
+        .map(|path| {
+            read_signed_file(
+                path,
+                args.signature.as_deref(),
+                &key_pem,
+                &args.publisher_key,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cluster_id = match (&args.cluster_file, &args.cluster_id) {
+        (Some(path), _) => {
+            let file = ClusterFile::read(path)?;
+            parse_hex32("clusterId", &file.cluster_id)?
+        }
+        (None, Some(hex_id)) => parse_hex32("--cluster-id", hex_id)?,
+        (None, None) => bail!("pass --cluster-file or --cluster-id"),
+    };
+    Ok(Trust {
+        files,
+        cluster_id,
+        cluster_id_pcr: args.cluster_id_pcr,
+        ek_cas: read_ek_cas(&args.ek_ca)?,
+    })
+}
+
+/// Where a Node's attestation endpoint listens.
+fn endpoint_of(node: &Node, port: u16) -> Option<String> {
+    if let Some(endpoint) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_ATTEST_ENDPOINT))
+    {
+        return Some(endpoint.clone());
+    }
+    let addresses = node.status.as_ref()?.addresses.as_ref()?;
+    let address = addresses
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .or_else(|| addresses.iter().find(|a| a.type_ == "ExternalIP"))?;
+    Some(if address.address.contains(':') {
+        format!("[{}]:{port}", address.address)
+    } else {
+        format!("{}:{port}", address.address)
+    })
+}
+
+/// Asks one node for evidence on a connection of our own.
+async fn attest(endpoint: &str, timeout: Duration) -> Result<(AttestResponse, [u8; 32]), String> {
+    let exchange = async {
+        let config = atls::client_config(None).map_err(|e| e.to_string())?;
+        let mut client = AtlsClient::connect(endpoint, config)
+            .await
+            .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+        let (status, body) = client
+            .post(PATH_ATTEST, Vec::new())
+            .await
+            .map_err(|e| format!("{PATH_ATTEST} on {endpoint}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{endpoint} answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let response: AttestResponse = serde_json::from_slice(&body)
+            .map_err(|e| format!("{endpoint} answered something that is not evidence: {e}"))?;
+        Ok((response, client.nonce(PURPOSE_NODE_ATTEST)))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("{endpoint} did not answer within {timeout:?}")))
+}
+
+pub async fn run(connection: &ConnectionArgs, args: &VerifyArgs) -> Result<()> {
+    let trust = Arc::new(load_trust(args)?);
+    let cluster = connection.client().await?;
+    let targets = targets(&cluster, args).await?;
+    let total = targets.len();
+    let timeout = Duration::from_secs(args.node_timeout);
+    let mut done = 0usize;
+    let mut reports: Vec<NodeReport> = futures::stream::iter(targets)
+        .map(|(node, endpoint, recorded_ak)| {
+            let trust = trust.clone();
+            async move {
+                let answer = match &endpoint {
+                    Some(endpoint) => attest(endpoint, timeout).await,
+                    None => Err("the Node has no InternalIP address and no \
+                                 confidential.dev/attest-endpoint annotation"
+                        .to_owned()),
+                };
+                let answer = NodeAnswer {
+                    node,
+                    endpoint: endpoint.unwrap_or_default(),
+                    answer,
+                    recorded_ak,
+                };
+                check_node(&answer, &trust)
+            }
+        })
+        .buffer_unordered(usize::from(args.parallel))
+        .inspect(|report| {
+            done += 1;
+            eprintln!(
+                "[{done}/{total}] {}: {}",
+                report.node,
+                render::verdict_word(report.verdict)
+            );
+        })
+        .collect()
+        .await;
+    reports.sort_by(|a, b| a.node.cmp(&b.node));
+    if !print_structured(args.output, &reports)? {
+        render::print_reports(&reports);
+    }
+    let failed = reports
+        .iter()
+        .filter(|r| r.verdict != Verdict::Trusted)
+        .count();
+    if failed > 0 {
+        bail!("{failed} of {total} nodes failed verification");
+    }
+    Ok(())
+}
+
+/// The nodes to verify: name, endpoint, the AK the gate recorded.
+async fn targets(
+    cluster: &Cluster,
+    args: &VerifyArgs,
+) -> Result<Vec<(String, Option<String>, Option<String>)>> {
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let selected: Vec<Node> = if args.all_nodes {
+        nodes
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| cluster.explain("listing Nodes", e))?
+            .items
+    } else {
+        let mut selected = Vec::new();
+        for name in &args.node {
+            let node = nodes
+                .get_opt(name)
+                .await
+                .map_err(|e| cluster.explain(&format!("reading Node {name}"), e))?
+                .with_context(|| {
+                    format!("Node {name:?} not found; list nodes with `kubectl get nodes`")
+                })?;
+            selected.push(node);
+        }
+        selected
+    };
+    if selected.is_empty() {
+        bail!("the cluster has no Nodes to verify");
+    }
+    let records = Api::<NodeAttestation>::all(cluster.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| cluster.explain("listing NodeAttestations", e))?
+        .items;
+    Ok(selected
+        .iter()
+        .map(|node| {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            let recorded = records
+                .iter()
+                .find(|r| r.spec.node_name == name)
+                .map(|r| r.spec.ak_fingerprint.clone());
+            (name, endpoint_of(node, args.attest_port), recorded)
+        })
+        .collect())
+}

@@ -523,11 +523,12 @@ mod tests {
 
     #[test]
     fn files_without_snp_keep_their_bytes_and_signatures() {
-        // Canonical bytes of `file()` before the `snp` field existed: a
-        // signature made then still verifies.
+        // Canonical bytes of `file()` as they were before the `snp` field
+        // existed (the text-file form, one trailing newline): a file without
+        // launch values keeps them, so its signature still verifies.
         let f = file();
         let before = format!(
-            "{{\"image\":\"registry.example/node:v1\",\"measurements\":{{\"4\":{{\"expected\":\"{}\",\"warnOnly\":false}},\"9\":{{\"expected\":\"{}\",\"warnOnly\":true}},\"11\":{{\"expected\":\"{}\",\"warnOnly\":false}}}}}}",
+            "{{\"image\":\"registry.example/node:v1\",\"measurements\":{{\"4\":{{\"expected\":\"{}\",\"warnOnly\":false}},\"9\":{{\"expected\":\"{}\",\"warnOnly\":true}},\"11\":{{\"expected\":\"{}\",\"warnOnly\":false}}}}}}\n",
             "04".repeat(32),
             "09".repeat(32),
             "0b".repeat(32)
@@ -551,7 +552,7 @@ mod tests {
         let text = String::from_utf8(f.canonical_bytes()).expect("utf8");
         assert!(
             text.ends_with(&format!(
-                ",\"snp\":{{\"measurement\":\"{}\",\"vmpl\":0,\"allowSmt\":true,\"allowMigrationAgent\":false}}}}",
+                ",\"snp\":{{\"measurement\":\"{}\",\"vmpl\":0,\"allowSmt\":true,\"allowMigrationAgent\":false}}}}\n",
                 "ab".repeat(48)
             )),
             "{text}"

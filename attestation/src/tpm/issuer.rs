@@ -48,6 +48,11 @@ pub struct TpmIssuer {
     tcti: String,
     ak_private: Private,
     ak_public: Public,
+    /// One TPM operation at a time: a node may be asked for evidence by the
+    /// gate's re-attestation and an admin's `verify` at the same moment, and
+    /// a TPM behind a single-client transport (swtpm's socket, a TPM without
+    /// a resource manager) refuses a second concurrent context.
+    busy: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for TpmIssuer {
@@ -110,6 +115,7 @@ impl TpmIssuer {
             tcti: tcti.to_owned(),
             ak_private: created.out_private,
             ak_public: created.out_public,
+            busy: std::sync::Mutex::new(()),
         })
     }
 
@@ -137,6 +143,7 @@ impl TpmIssuer {
                 tcti: tcti.to_owned(),
                 ak_private: Private::try_from(private.to_vec())?,
                 ak_public: Public::unmarshall(public)?,
+                busy: std::sync::Mutex::new(()),
             };
             // Fails when the blobs belong to another TPM.
             issuer.with_ak(|_, _, _| Ok(()))?;
@@ -220,6 +227,9 @@ impl TpmIssuer {
         nonce: &[u8; 32],
         pcrs: &[u32],
     ) -> Result<TpmEvidence, IssuerError> {
+        // A poisoned lock only means another quote panicked; the TPM state
+        // is per-context, so going on is safe.
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let ek_certificate = self.ek_certificate_blocking()?;
         let ak_public = self.ak_public_bytes()?;
         let sel = selection(pcrs)?;
@@ -280,6 +290,7 @@ impl TpmIssuer {
         &self,
         challenge: &Challenge,
     ) -> Result<Vec<u8>, IssuerError> {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let blob = IdObject::try_from(challenge.credential_blob.clone())?;
         let secret = EncryptedSecret::try_from(challenge.secret.clone())?;
         self.with_ak(|ctx, ek, ak| {

@@ -75,6 +75,8 @@ pub struct VerifyEnv {
     /// An image whose firmware measured nothing (PCR 4 stays zero).
     pub unmeasured: NodeImage,
     pub pool: String,
+    /// The pool whose image is [`VerifyEnv::unmeasured`].
+    pub unmeasured_pool: String,
     pub master: MasterSecret,
     pub publisher: SigningKey,
     /// The admin's local files.
@@ -142,6 +144,17 @@ impl VerifyEnv {
         Api::<confidential_api::NodeVersion>::all(client.clone())
             .create(&PostParams::default(), &version)
             .await?;
+        // The gate checks a joining machine against its pool's image, so the
+        // unmeasured machine joins a pool of its own that the (untrusted)
+        // cluster's policy admits.
+        let unmeasured_pool = unique_name("pool-unmeasured");
+        let version: confidential_api::NodeVersion = serde_json::from_value(json!({
+            "metadata": { "name": unmeasured_pool },
+            "spec": { "image": unmeasured.name, "kubernetesVersion": "v1.35.0", "replicas": 50 }
+        }))?;
+        Api::<confidential_api::NodeVersion>::all(client.clone())
+            .create(&PostParams::default(), &version)
+            .await?;
         let cp = cluster
             .control_plane
             .as_ref()
@@ -153,7 +166,12 @@ impl VerifyEnv {
         let watch_task = tokio::spawn(confidential_webhook::state::watch(client.clone(), writers));
         stores.wait_ready().await;
         {
-            let (stores, policy, pool) = (stores.clone(), policy.clone(), pool.clone());
+            let (stores, policy, pool, unmeasured_pool) = (
+                stores.clone(),
+                policy.clone(),
+                pool.clone(),
+                unmeasured_pool.clone(),
+            );
             eventually(
                 "the gate to see the policy and the pool",
                 Duration::from_secs(60),
@@ -163,7 +181,11 @@ impl VerifyEnv {
                         .attestation_policies
                         .get(&ObjectRef::new(&policy))
                         .is_some()
-                        && stores.node_versions.get(&ObjectRef::new(&pool)).is_some();
+                        && stores.node_versions.get(&ObjectRef::new(&pool)).is_some()
+                        && stores
+                            .node_versions
+                            .get(&ObjectRef::new(&unmeasured_pool))
+                            .is_some();
                     async move { Ok(ready.then_some(())) }
                 },
             )
@@ -215,6 +237,7 @@ impl VerifyEnv {
             image,
             unmeasured,
             pool,
+            unmeasured_pool,
             master,
             publisher,
             dir,
@@ -249,7 +272,11 @@ impl VerifyEnv {
                 "--attest-listen",
                 &endpoint,
                 "--pool",
-                &self.pool,
+                if image.name == self.unmeasured.name {
+                    &self.unmeasured_pool
+                } else {
+                    &self.pool
+                },
             ],
         )?;
         eventually(

@@ -200,6 +200,9 @@ impl Env {
             format!("--reattest-port={attest_port}"),
             format!("--reattest-concurrency={}", timing.concurrency),
             "--reattest-timeout=5s".to_owned(),
+            // Every machine of these suites joins from 127.0.0.1.
+            "--join-attempts-burst=1000".to_owned(),
+            "--join-attempts-per-minute=6000".to_owned(),
         ];
         let mut command = std::process::Command::new(gate_binary()?);
         command

@@ -49,8 +49,28 @@ fn sweeps_logged(log: &str) -> Vec<(u64, u64)> {
     };
     log.lines()
         .filter(|l| l.contains("re-attestation sweep finished"))
-        .filter_map(|l| Some((field(l, "verified=")?, field(l, "elapsed_ms=")?)))
+        .map(strip_ansi)
+        .filter_map(|l| Some((field(&l, "verified=")?, field(&l, "elapsed_ms=")?)))
         .collect()
+}
+
+/// The line without terminal colour sequences (`ESC [ ... m`), which the
+/// gate's text logs carry.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Registers the Node of `name` with `ip` as InternalIP, as its kubelet would.

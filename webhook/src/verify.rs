@@ -161,6 +161,44 @@ impl TrustCache {
     }
 }
 
+/// The trust roots of an AttestationPolicy, as the attestation library
+/// verifies with them: accepted evidence kinds, the EK CA certificates and
+/// the AMD roots with the minimum TCB. One conversion for the join decision
+/// and for re-attestation. Fails with the parse error of an EK CA
+/// certificate; each caller says in its own terms that the policy is broken.
+pub fn trust_roots(
+    spec: &confidential_api::AttestationPolicySpec,
+) -> Result<confidential_attestation::verify::TrustPolicy, confidential_attestation::tpm::TpmError>
+{
+    use confidential_attestation::evidence::EvidenceKind;
+    use confidential_attestation::snp::{SnpTrust, Tcb};
+    let mut ek_cas = Vec::new();
+    for pem in spec.tpm.iter().flat_map(|t| t.ek_ca_certificates.iter()) {
+        ek_cas.extend(confidential_attestation::tpm::parse_certificates(pem)?);
+    }
+    Ok(confidential_attestation::verify::TrustPolicy {
+        evidence_kinds: spec
+            .evidence_kinds
+            .iter()
+            .map(|kind| match kind {
+                confidential_api::EvidenceKind::Tpm => EvidenceKind::Tpm,
+                confidential_api::EvidenceKind::SevSnp => EvidenceKind::SevSnp,
+            })
+            .collect(),
+        ek_cas,
+        snp: spec.snp.as_ref().map(|s| SnpTrust {
+            ark_pem: s.ark_certificate.clone().into_bytes(),
+            ask_pem: s.ask_certificate.clone().into_bytes(),
+            minimum_tcb: Tcb {
+                bootloader: s.minimum_tcb.bootloader,
+                tee: s.minimum_tcb.tee,
+                snp: s.minimum_tcb.snp,
+                microcode: s.minimum_tcb.microcode,
+            },
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

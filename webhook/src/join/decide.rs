@@ -20,8 +20,6 @@ use axum::http::StatusCode;
 use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
 use confidential_attestation::evidence::EvidenceKind;
 use confidential_attestation::protocol::JoinRequest;
-use confidential_attestation::snp::{SnpTrust, Tcb};
-use confidential_attestation::tpm::parse_certificates;
 use confidential_attestation::verify::{TrustPolicy, Verdict, verify_evidence};
 
 use crate::verify::{ImageTrust, TrustCache};
@@ -203,13 +201,6 @@ pub fn canonical_disk_uuid(uuid: &str) -> Option<String> {
     ok.then(|| uuid.to_ascii_lowercase())
 }
 
-fn kind_of(kind: confidential_api::EvidenceKind) -> EvidenceKind {
-    match kind {
-        confidential_api::EvidenceKind::Tpm => EvidenceKind::Tpm,
-        confidential_api::EvidenceKind::SevSnp => EvidenceKind::SevSnp,
-    }
-}
-
 /// The kind as the NodeAttestation records it.
 pub fn api_kind(kind: EvidenceKind) -> confidential_api::EvidenceKind {
     match kind {
@@ -220,29 +211,11 @@ pub fn api_kind(kind: EvidenceKind) -> confidential_api::EvidenceKind {
 
 /// The verifier's view of an AttestationPolicy's trust roots.
 pub fn trust_policy(policy: &AttestationPolicy) -> Result<TrustPolicy, Refusal> {
-    let spec = &policy.spec;
-    let mut ek_cas = Vec::new();
-    for pem in spec.tpm.iter().flat_map(|t| t.ek_ca_certificates.iter()) {
-        ek_cas.extend(parse_certificates(pem).map_err(|e| {
-            Refusal::new(
-                Reason::PolicyInvalid,
-                format!("an EK CA certificate of the AttestationPolicy does not parse: {e}"),
-            )
-        })?);
-    }
-    Ok(TrustPolicy {
-        evidence_kinds: spec.evidence_kinds.iter().map(|k| kind_of(*k)).collect(),
-        ek_cas,
-        snp: spec.snp.as_ref().map(|s| SnpTrust {
-            ark_pem: s.ark_certificate.clone().into_bytes(),
-            ask_pem: s.ask_certificate.clone().into_bytes(),
-            minimum_tcb: Tcb {
-                bootloader: s.minimum_tcb.bootloader,
-                tee: s.minimum_tcb.tee,
-                snp: s.minimum_tcb.snp,
-                microcode: s.minimum_tcb.microcode,
-            },
-        }),
+    crate::verify::trust_roots(&policy.spec).map_err(|e| {
+        Refusal::new(
+            Reason::PolicyInvalid,
+            format!("an EK CA certificate of the AttestationPolicy does not parse: {e}"),
+        )
     })
 }
 

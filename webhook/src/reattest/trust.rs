@@ -12,11 +12,9 @@
 
 use std::collections::HashMap;
 
-use confidential_api::{AttestationPolicySpec, EvidenceKind, NodeAttestation};
+use confidential_api::{AttestationPolicySpec, NodeAttestation};
 use confidential_attestation::measurements::{MeasurementFile, Measurements};
 use confidential_attestation::protocol::AttestResponse;
-use confidential_attestation::snp::{SnpTrust, Tcb};
-use confidential_attestation::tpm::parse_certificates;
 use confidential_attestation::verify::{TrustPolicy, Verdict, verify_evidence};
 
 use super::Failure;
@@ -28,35 +26,11 @@ pub struct PolicyInForce {
     images: HashMap<String, Result<Measurements, Failure>>,
 }
 
-fn kind_of(kind: EvidenceKind) -> confidential_attestation::evidence::EvidenceKind {
-    match kind {
-        EvidenceKind::Tpm => confidential_attestation::evidence::EvidenceKind::Tpm,
-        EvidenceKind::SevSnp => confidential_attestation::evidence::EvidenceKind::SevSnp,
-    }
-}
-
 impl PolicyInForce {
     /// Reads `spec`. Fails only when its trust roots do not parse (then no
     /// node can be verified and the sweep reports the policy as broken).
     pub fn new(spec: &AttestationPolicySpec) -> Result<Self, String> {
-        let mut ek_cas = Vec::new();
-        for pem in spec.tpm.iter().flat_map(|t| t.ek_ca_certificates.iter()) {
-            ek_cas.extend(parse_certificates(pem).map_err(|e| format!("policy EK CA: {e}"))?);
-        }
-        let trust = TrustPolicy {
-            evidence_kinds: spec.evidence_kinds.iter().map(|k| kind_of(*k)).collect(),
-            ek_cas,
-            snp: spec.snp.as_ref().map(|s| SnpTrust {
-                ark_pem: s.ark_certificate.clone().into_bytes(),
-                ask_pem: s.ask_certificate.clone().into_bytes(),
-                minimum_tcb: Tcb {
-                    bootloader: s.minimum_tcb.bootloader,
-                    tee: s.minimum_tcb.tee,
-                    snp: s.minimum_tcb.snp,
-                    microcode: s.minimum_tcb.microcode,
-                },
-            }),
-        };
+        let trust = crate::verify::trust_roots(spec).map_err(|e| format!("policy EK CA: {e}"))?;
         let images =
             spec.images
                 .iter()
@@ -148,7 +122,7 @@ impl PolicyInForce {
 mod tests {
     use super::*;
     use confidential_api::{
-        MeasuredImage, Measurement, NodeAttestationSpec, PublisherKey, TpmTrust,
+        EvidenceKind, MeasuredImage, Measurement, NodeAttestationSpec, PublisherKey, TpmTrust,
         Verdict as ApiVerdict,
     };
     use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};

@@ -15,6 +15,7 @@ pub mod csr;
 pub mod etcd;
 pub mod kubelet;
 pub mod node;
+pub mod peers;
 pub mod pki;
 mod process;
 pub mod standin;

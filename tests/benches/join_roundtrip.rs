@@ -291,6 +291,7 @@ async fn main() -> Result<()> {
     let report = json!({
         "benchmark": "join_roundtrip",
         "runs": runs,
+        "profile": if cfg!(debug_assertions) { "dev" } else { "bench (release)" },
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "phases": phases,
     });

@@ -352,7 +352,11 @@ impl AtlsClient {
             .await
             .map_err(|e| AtlsError::Http(e.to_string()))?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            // The request's own future reports a failed exchange; this only
+            // ends with the connection.
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "aTLS client connection ended with an error");
+            }
         });
         Ok(Self {
             sender,

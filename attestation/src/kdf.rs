@@ -52,8 +52,8 @@ impl MasterSecret {
     fn derive32(&self, id: &str) -> [u8; 32] {
         let hk = Hkdf::<Sha256>::new(Some(&self.salt), &self.secret);
         let mut out = [0u8; 32];
-        // 32 bytes is always within HKDF-SHA256's 8160-byte limit.
-        let _ = hk.expand(format!("key-{id}").as_bytes(), &mut out);
+        hk.expand(format!("key-{id}").as_bytes(), &mut out)
+            .expect("32 bytes is within HKDF-SHA256's 8160-byte output limit");
         out
     }
 

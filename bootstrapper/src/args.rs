@@ -214,7 +214,7 @@ impl Args {
                 return Err(ConfigError::Endpoint(e.clone()));
             }
         }
-        if !valid_node_name(&self.node_name) {
+        if !confidential_api::keys::is_valid_node_name(&self.node_name) {
             return Err(ConfigError::NodeName(self.node_name));
         }
         if !valid_uuid(&self.disk_uuid) {
@@ -276,21 +276,6 @@ fn valid_endpoint(e: &str) -> bool {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
         None => false,
     }
-}
-
-/// A lowercase RFC 1123 subdomain, as the API server requires of Node names.
-fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// 8-4-4-4-12 hex digits.

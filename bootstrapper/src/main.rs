@@ -101,21 +101,8 @@ async fn run(config: Config) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("error: a rustls crypto provider was already installed");
-        return ExitCode::FAILURE;
-    }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    confidential_startup::init("info", confidential_startup::LogFormat::Text);
     let config = match args.validate() {
         Ok(config) => config,
         Err(e) => {

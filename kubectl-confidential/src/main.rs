@@ -62,12 +62,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
+    confidential_startup::install_crypto_provider();
     // kubectl's plugin completion: the words are not ours to parse (they may
     // be half-typed flags), so this bypasses clap.
     let args: Vec<String> = std::env::args().collect();
@@ -75,10 +70,8 @@ async fn main() -> Result<()> {
         return completion::run_complete(&args[2..]);
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    // Quiet unless RUST_LOG asks: the plugin's output is for people.
+    confidential_startup::init("error", confidential_startup::LogFormat::Text);
     match &cli.command {
         Command::Measurements(command) => measurements::run(&cli.connection, command).await,
         Command::Status(args) => status::run(&cli.connection.client().await?, args).await,

@@ -26,16 +26,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,confidential_playground=info")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    confidential_startup::init(
+        "warn,confidential_playground=info",
+        confidential_startup::LogFormat::Text,
+    );
     eprintln!(
         "playground: starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the gate and the node operator"
     );

@@ -8,6 +8,7 @@
 
 mod completion;
 mod connection;
+mod init;
 mod measurements;
 mod output;
 mod preflight;
@@ -40,8 +41,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Initialise a cluster: generate the master secret, install CRDs and components.
-    Init,
+    /// Initialise a cluster: generate the master secret, install CRDs, the
+    /// gate, the operator, the policy and the node pool.
+    Init(Box<init::Args>),
     /// Verify nodes by remote attestation over aTLS against local trusted measurements.
     Verify(verify::VerifyArgs),
     /// Roll a node pool to a new node image or Kubernetes version.
@@ -86,6 +88,7 @@ async fn main() -> Result<()> {
         Command::Verify(args) => verify::run(&cli.connection, args).await,
         Command::Version(args) => version::run(&cli.connection, &cli.namespace, args).await,
         Command::Completion(args) => completion::run(args),
+        Command::Init(args) => init::run(&cli.connection, &cli.namespace, args).await,
         other => bail!(
             "`kubectl confidential {}` is not available in this version yet; see `kubectl confidential --help`",
             format!("{other:?}").to_lowercase()

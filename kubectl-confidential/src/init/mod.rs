@@ -1,0 +1,549 @@
+//! `kubectl confidential init`: turns an existing cluster into a
+//! confidential one. Every local input (signed measurement files, publisher
+//! key, EK CAs, a given master secret, the output file) is checked before
+//! the cluster is touched, so a bad input changes nothing. Then it installs,
+//! by server-side apply, the objects of [`objects`] (the same as
+//! `manifests/`), waits until the gate answers through its webhook, creates
+//! the AttestationPolicy and the NodeVersion pool, and writes the cluster
+//! file `verify` reads. Run again with the same inputs, it changes nothing
+//! and says so.
+//!
+//! Modules: [`args`] (flags), [`secrets`] (master secret), [`pki`] (the
+//! gate's serving certificate and CA), [`objects`] (what is applied),
+//! [`apply`] (server-side apply), [`wait`] (progress until it works).
+
+pub mod apply;
+pub mod args;
+pub mod objects;
+pub mod pki;
+pub mod secrets;
+pub mod wait;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use confidential_api::{
+    AttestationPolicy, AttestationPolicySpec, EvidenceKind, NodeVersion, NodeVersionSpec,
+    RolloutStrategy, TpmTrust,
+};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams};
+use serde_json::Value;
+
+use crate::connection::ConnectionArgs;
+use crate::output::Format;
+use crate::verify::trust::{ClusterFile, TrustedFile, read_ek_cas, read_signed_file};
+use apply::{Mode, Outcome};
+use args::{InitArgs, JoinExposure};
+use objects::{GatePlacement, Install, Layout};
+use secrets::{Identity, LocalFile, MasterSecretFile};
+
+pub use args::InitArgs as Args;
+
+/// Port of the join endpoint in the gate's Pod and its Services.
+const JOIN_PORT: u16 = 9443;
+
+/// The local inputs, all checked.
+struct Inputs {
+    trusted: Vec<TrustedFile>,
+    publisher_key_pem: String,
+    ek_ca_pems: Vec<String>,
+    given_master: Option<MasterSecretFile>,
+    image: String,
+}
+
+fn read_inputs(args: &InitArgs) -> Result<Inputs> {
+    let publisher_key_pem = std::fs::read_to_string(&args.publisher_key)
+        .with_context(|| format!("reading the publisher key {}", args.publisher_key.display()))?;
+    confidential_attestation::measurements::parse_public_key(&publisher_key_pem).with_context(
+        || {
+            format!(
+                "{} is not a P-256 public key (PEM)",
+                args.publisher_key.display()
+            )
+        },
+    )?;
+    let trusted = args
+        .measurements
+        .iter()
+        .map(|path| read_signed_file(path, None, &publisher_key_pem, &args.publisher_key))
+        .collect::<Result<Vec<_>>>()?;
+    read_ek_cas(&args.ek_ca)?;
+    let ek_ca_pems = args
+        .ek_ca
+        .iter()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let given_master = args
+        .master_secret
+        .as_deref()
+        .map(MasterSecretFile::read)
+        .transpose()?;
+    let image = match &args.image {
+        Some(image) => image.clone(),
+        None => trusted
+            .first()
+            .map(|t| t.file.image.clone())
+            .context("no --measurements given")?,
+    };
+    if !trusted.iter().any(|t| t.file.image == image) {
+        bail!(
+            "--image {image} has no signed measurement file among --measurements; \
+             the gate would refuse every node of the pool"
+        );
+    }
+    Ok(Inputs {
+        trusted,
+        publisher_key_pem,
+        ek_ca_pems,
+        given_master,
+        image,
+    })
+}
+
+/// The initial AttestationPolicy from the verified files (pure).
+fn policy(args: &InitArgs, inputs: &Inputs) -> Result<AttestationPolicy> {
+    let mut spec = AttestationPolicySpec {
+        evidence_kinds: vec![EvidenceKind::Tpm],
+        tpm: Some(TpmTrust {
+            ek_ca_certificates: inputs.ek_ca_pems.clone(),
+        }),
+        snp: None,
+        publishers: Vec::new(),
+        images: Vec::new(),
+        reattestation_interval: Some(args.reattestation_interval.clone()),
+    };
+    for trusted in &inputs.trusted {
+        let signature =
+            crate::verify::trust::read_signature(&format!("@{}.sig", trusted.path.display()))?;
+        let plan = crate::measurements::policy::plan_add(
+            &spec,
+            &trusted.file,
+            &signature,
+            &inputs.publisher_key_pem,
+            Some(&args.publisher),
+        )?;
+        spec.images = plan.images;
+        spec.publishers = plan.publishers;
+    }
+    Ok(AttestationPolicy::new(&args.policy, spec))
+}
+
+/// The names the gate's serving certificate must cover.
+fn serving_names(placement: &GatePlacement) -> Result<Vec<String>> {
+    Ok(match placement {
+        GatePlacement::InCluster => vec![
+            format!("{}.{}.svc", objects::GATE, objects::NAMESPACE),
+            format!("{}.{}.svc.cluster.local", objects::GATE, objects::NAMESPACE),
+        ],
+        GatePlacement::External(url) => {
+            let uri: http::Uri = url
+                .parse()
+                .with_context(|| format!("--gate-url {url:?} is not a URL"))?;
+            if uri.scheme_str() != Some("https") {
+                bail!("--gate-url {url}: the API server calls webhooks over https only");
+            }
+            let host = uri
+                .host()
+                .with_context(|| format!("--gate-url {url} names no host"))?;
+            vec![
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+            ]
+        }
+    })
+}
+
+/// Where machines reach the join endpoint (pure), for the cluster file.
+fn gate_endpoint(
+    exposure: &JoinExposure,
+    nodes: &[Node],
+    join_service: Option<&Service>,
+    server: &str,
+) -> Option<String> {
+    let address = |node: &Node| {
+        node.status
+            .as_ref()?
+            .addresses
+            .as_ref()?
+            .iter()
+            .find(|a| a.type_ == "InternalIP")
+            .map(|a| a.address.clone())
+    };
+    let is_control_plane = |node: &Node| {
+        node.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key("node-role.kubernetes.io/control-plane"))
+    };
+    let control_plane = nodes
+        .iter()
+        .filter(|n| is_control_plane(n))
+        .find_map(address);
+    match exposure {
+        JoinExposure::External(address) => Some(address.clone()),
+        JoinExposure::HostNetwork => control_plane.map(|a| format!("{a}:{JOIN_PORT}")),
+        JoinExposure::NodePort => {
+            let port = join_service?
+                .spec
+                .as_ref()?
+                .ports
+                .as_ref()?
+                .iter()
+                .find_map(|p| p.node_port)?;
+            let host = control_plane
+                .or_else(|| nodes.iter().find_map(address))
+                .or_else(|| {
+                    server
+                        .parse::<http::Uri>()
+                        .ok()
+                        .and_then(|u| u.host().map(str::to_owned))
+                })?;
+            Some(format!("{host}:{port}"))
+        }
+        JoinExposure::LoadBalancer => {
+            let ingress = join_service?
+                .status
+                .as_ref()?
+                .load_balancer
+                .as_ref()?
+                .ingress
+                .as_ref()?
+                .first()?
+                .clone();
+            let host = ingress.ip.or(ingress.hostname)?;
+            Some(format!("{host}:{JOIN_PORT}"))
+        }
+    }
+}
+
+fn print_objects(objects: &[Value], format: Format) -> Result<()> {
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": objects,
+            }))?
+        ),
+        Format::Yaml | Format::Table => {
+            for object in objects {
+                print!("---\n{}", serde_saphyr::to_string(object)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_cluster_file(path: &Path, file: &ClusterFile) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(file)? + "\n")
+        .with_context(|| format!("writing the cluster file {}", path.display()))
+}
+
+pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) -> Result<()> {
+    if namespace != objects::NAMESPACE {
+        bail!(
+            "init installs into the namespace {}; -n {namespace} is not supported by init",
+            objects::NAMESPACE
+        );
+    }
+    // Local inputs first: a bad one changes nothing anywhere.
+    let inputs = read_inputs(args)?;
+    let placement = match &args.gate_url {
+        Some(url) => GatePlacement::External(url.clone()),
+        None => GatePlacement::InCluster,
+    };
+    let names = serving_names(&placement)?;
+
+    let cluster = connection.client().await?;
+    let client = &cluster.client;
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|e| cluster.explain("reaching the API server", e))?;
+    for warning in crate::preflight::kubeadm_autoapprove_bindings(client).await? {
+        eprintln!("Warning: {warning}");
+    }
+
+    // What the cluster holds already.
+    let existing_master = apply::read(
+        client,
+        &objects::master_secret_object(&MasterSecretFile::generate()),
+    )
+    .await?
+    .map(|s| objects::master_secret_from_secret(&s))
+    .transpose()?;
+    let plan = secrets::plan_master_secret(
+        inputs.given_master.clone(),
+        existing_master,
+        &args.master_secret_out,
+        LocalFile::inspect(&args.master_secret_out),
+        MasterSecretFile::generate,
+    )?;
+    let identity = Identity::of(&plan.secret)?;
+    let now = jiff::Timestamp::now();
+    let placeholder_cert = pki::issue(&names, now)?;
+    let existing_cert = apply::read(client, &objects::tls_secret_object(&placeholder_cert))
+        .await?
+        .and_then(|s| objects::serving_cert_from_secret(&s));
+    let serving = match &existing_cert {
+        Some(cert) if pki::reusable(cert, &names, now, args.rotate_serving_cert) => cert.clone(),
+        _ => placeholder_cert,
+    };
+    // While a replaced certificate may still be served, the API server
+    // trusts both CAs.
+    let previous_ca = existing_cert
+        .as_ref()
+        .filter(|old| old.ca_pem != serving.ca_pem)
+        .map(|old| old.ca_pem.clone());
+    let ca_bundle = match &previous_ca {
+        Some(old) => format!("{}{old}", serving.ca_pem),
+        None => serving.ca_pem.clone(),
+    };
+
+    let layout = Layout {
+        exposure: args.join_exposure.clone(),
+        placement: placement.clone(),
+        node_api_server: args
+            .node_api_server
+            .clone()
+            .unwrap_or_else(|| cluster.server.clone()),
+    };
+    let pool = NodeVersion::new(
+        &args.pool,
+        NodeVersionSpec {
+            image: inputs.image.clone(),
+            kubernetes_version: args
+                .kubernetes_version
+                .clone()
+                .unwrap_or_else(|| version.git_version.clone()),
+            replicas: args.replicas,
+            control_plane: false,
+            strategy: RolloutStrategy {
+                max_surge: Some(IntOrString::Int(args.max_surge)),
+                ..Default::default()
+            },
+        },
+    );
+    let install = Install {
+        layout,
+        master: plan.secret.clone(),
+        serving: serving.clone(),
+        ca_bundle,
+        policy: policy(args, &inputs)?,
+        pool,
+    };
+    let all = objects::objects(&install)?;
+    if args.dry_run {
+        print_objects(&objects::redacted(&all), args.output)?;
+        eprintln!(
+            "dry run: {} objects; nothing was changed and no file was written",
+            all.len()
+        );
+        return Ok(());
+    }
+
+    // The admin holds the master secret before the cluster depends on it.
+    if let Some(path) = &plan.write {
+        secrets::write_master_secret(path, &plan.secret)?;
+        eprintln!(
+            "wrote the master secret to {} (mode 0600): store it safely, it recovers the cluster",
+            path.display()
+        );
+    }
+
+    let mut outcomes = Vec::new();
+    let is = |o: &Value, kind: &str| o["kind"].as_str() == Some(kind);
+    let mut report = |object: &Value, outcome: Outcome| {
+        println!("{} {}", apply::describe(object), outcome.as_str());
+        outcomes.push(outcome);
+    };
+    let crds: Vec<&Value> = all
+        .iter()
+        .filter(|o| is(o, "CustomResourceDefinition"))
+        .collect();
+    for crd in &crds {
+        report(crd, apply::apply(client, crd, Mode::Apply).await?);
+    }
+    let crd_names: Vec<String> = crds
+        .iter()
+        .filter_map(|c| c["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    wait::crds_established(client, &crd_names, args.timeout).await?;
+    let late = [
+        "ValidatingWebhookConfiguration",
+        "AttestationPolicy",
+        "NodeVersion",
+    ];
+    for object in all
+        .iter()
+        .filter(|o| !is(o, "CustomResourceDefinition") && !late.iter().any(|k| is(o, k)))
+    {
+        report(object, apply::apply(client, object, Mode::Apply).await?);
+    }
+    for object in all
+        .iter()
+        .filter(|o| is(o, "ValidatingWebhookConfiguration"))
+    {
+        report(object, apply::apply(client, object, Mode::Apply).await?);
+    }
+    let (where_, hint) = match &placement {
+        GatePlacement::External(url) => (
+            url.clone(),
+            "Start the gate (confidential-webhook) there with the Secrets init created",
+        ),
+        GatePlacement::InCluster => (
+            format!("Service {}/{}", objects::NAMESPACE, objects::GATE),
+            "Check `kubectl -n confidential-system get pods` and the gate's logs",
+        ),
+    };
+    wait::gate_answers(client, &where_, args.timeout, hint).await?;
+    if let (Some(_), GatePlacement::External(url)) = (&previous_ca, &placement) {
+        wait::gate_serves(url, &serving.ca_pem, args.timeout).await?;
+        let mut only_new = all.clone();
+        objects::set_ca_bundle(&mut only_new, &serving.ca_pem);
+        for object in only_new
+            .iter()
+            .filter(|o| is(o, "ValidatingWebhookConfiguration"))
+        {
+            apply::apply(client, object, Mode::Apply).await?;
+            println!(
+                "{} configured (previous CA removed from caBundle)",
+                apply::describe(object)
+            );
+        }
+    } else if previous_ca.is_some() {
+        eprintln!(
+            "the caBundle trusts the new and the previous CA while the gate's pods reload the \
+             certificate; run `kubectl confidential init` again later to drop the previous CA"
+        );
+    }
+    for object in all
+        .iter()
+        .filter(|o| is(o, "AttestationPolicy") || is(o, "NodeVersion"))
+    {
+        report(
+            object,
+            apply::apply(client, object, Mode::CreateOnly).await?,
+        );
+    }
+
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing Nodes for the join endpoint's address")?
+        .items;
+    let join_service = Api::<Service>::namespaced(client.clone(), objects::NAMESPACE)
+        .get_opt(objects::JOIN_SERVICE)
+        .await
+        .context("reading the join Service")?;
+    let endpoint = gate_endpoint(
+        &args.join_exposure,
+        &nodes,
+        join_service.as_ref(),
+        &cluster.server,
+    );
+    let images: BTreeMap<String, String> = objects::pinned_images()?
+        .into_iter()
+        .map(|p| (p.name, p.digest))
+        .collect();
+    let cluster_file = ClusterFile {
+        cluster_id: identity.cluster_id.clone(),
+        gate_endpoint: endpoint.clone(),
+        gate_pin: Some(identity.gate_pin.clone()),
+        images,
+    };
+    write_cluster_file(&args.cluster_file, &cluster_file)?;
+    if outcomes
+        .iter()
+        .all(|o| matches!(o, Outcome::Unchanged | Outcome::Kept))
+    {
+        eprintln!("init changed nothing: the cluster is already initialised with these inputs");
+    }
+    eprintln!(
+        "join endpoint for machines: {}; gate pin {}",
+        endpoint
+            .as_deref()
+            .unwrap_or("<not known yet: the load balancer has no address>"),
+        identity.gate_pin
+    );
+    eprintln!(
+        "wrote {} (cluster ID, gate endpoint and pin, image digests): `verify` reads it",
+        args.cluster_file.display()
+    );
+    println!("cluster ID: {}", identity.cluster_id);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_join_endpoint_follows_the_exposure() {
+        let node = |name: &str, ip: &str, cp: bool| -> Node {
+            let labels = if cp {
+                json!({"node-role.kubernetes.io/control-plane": ""})
+            } else {
+                json!({})
+            };
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+            }))
+            .expect("node")
+        };
+        let nodes = [node("w", "10.0.0.9", false), node("cp", "10.0.0.1", true)];
+        let service: Service = serde_json::from_value(json!({
+            "spec": {"ports": [{"port": 9443, "nodePort": 30443}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}},
+        }))
+        .expect("svc");
+        let server = "https://198.51.100.1:6443";
+        assert_eq!(
+            gate_endpoint(&JoinExposure::NodePort, &nodes, Some(&service), server).as_deref(),
+            Some("10.0.0.1:30443")
+        );
+        assert_eq!(
+            gate_endpoint(&JoinExposure::NodePort, &[], Some(&service), server).as_deref(),
+            Some("198.51.100.1:30443")
+        );
+        assert_eq!(
+            gate_endpoint(&JoinExposure::LoadBalancer, &nodes, Some(&service), server).as_deref(),
+            Some("203.0.113.5:9443")
+        );
+        assert_eq!(
+            gate_endpoint(&JoinExposure::HostNetwork, &nodes, None, server).as_deref(),
+            Some("10.0.0.1:9443")
+        );
+        assert_eq!(
+            gate_endpoint(
+                &JoinExposure::External("gate.example:443".into()),
+                &[],
+                None,
+                server
+            )
+            .as_deref(),
+            Some("gate.example:443")
+        );
+    }
+
+    #[test]
+    fn serving_names_cover_the_service_or_the_gate_url() {
+        assert_eq!(
+            serving_names(&GatePlacement::InCluster).expect("names")[0],
+            "confidential-webhook.confidential-system.svc"
+        );
+        assert_eq!(
+            serving_names(&GatePlacement::External("https://127.0.0.1:8443".into()))
+                .expect("names"),
+            vec!["127.0.0.1".to_owned()]
+        );
+        assert!(serving_names(&GatePlacement::External("http://127.0.0.1:8443".into())).is_err());
+    }
+}

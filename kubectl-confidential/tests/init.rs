@@ -1,0 +1,575 @@
+//! `kubectl confidential init` on real components: a real control plane, the
+//! real plugin binary, and the real gate (`confidential-webhook`) started by
+//! the playground's host from the Secrets `init` created — the way a
+//! kubelet would start it from the Deployment. Every behaviour is checked on
+//! what the API server holds afterwards, and every refusal one by one with
+//! "nothing changed" checked.
+
+use std::path::Path;
+use std::process::Output;
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use confidential_api::{AttestationPolicy, NodeVersion};
+use confidential_playground::{Options, Playground};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kubectl-confidential");
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,kube_client=off,confidential_playground=info")
+        .with_test_writer()
+        .try_init();
+}
+
+/// A control plane, the trust files and the component host; `init` not run.
+async fn playground() -> Result<Playground> {
+    confidential_testenv::install_crypto_provider();
+    init_tracing();
+    Playground::start(Options {
+        nodes: 0,
+        init: false,
+        ..Options::default()
+    })
+    .await
+}
+
+fn run(playground: &Playground, args: &[String]) -> Output {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env("KUBECONFIG", &playground.control_plane.kubeconfig)
+        .env("RUST_LOG", "warn")
+        .current_dir(&playground.dir)
+        .output()
+        .expect("running kubectl-confidential");
+    eprintln!(
+        "$ kubectl confidential {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `init`'s arguments for the playground with no machines, `extra` appended.
+fn init_args(playground: &Playground, extra: &[&str]) -> Vec<String> {
+    let mut args = playground.init_args(&Options {
+        nodes: 0,
+        ..Options::default()
+    });
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+fn secret_data(secret: &Secret, key: &str) -> Vec<u8> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .unwrap_or_default()
+}
+
+async fn ca_bundle(client: &kube::Client) -> Result<Vec<Vec<u8>>> {
+    let config = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .get("confidential-gate")
+        .await?;
+    Ok(config
+        .webhooks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| w.client_config.ca_bundle.map(|b| b.0).unwrap_or_default())
+        .collect())
+}
+
+/// The gate refuses a Node no machine attested for: proof the API server
+/// calls it through the registered webhook and trusts its certificate.
+async fn gate_refuses_an_unattested_node(client: &kube::Client) -> Result<String> {
+    let intruder: Node =
+        serde_json::from_value(json!({ "metadata": { "name": "unattested-intruder" } }))?;
+    let err = Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &intruder)
+        .await
+        .expect_err("the gate must refuse an unattested node");
+    let message = err.to_string();
+    assert!(message.contains("NodeAttestation"), "{message}");
+    Ok(message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn init_installs_everything_a_second_run_changes_nothing_and_rotation_reissues() -> Result<()>
+{
+    let playground = playground().await?;
+    let client = playground.client.clone();
+    // kubeadm's auto-approval, which undoes the gate: init must warn.
+    confidential_testenv::apply_cluster_object(
+        &client,
+        &serde_json::from_value::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(json!({
+            "metadata": {"name": "kubeadm:node-autoapprove-bootstrap"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                "name": "system:certificates.k8s.io:certificatesigningrequests:nodeclient"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                "name": "system:bootstrappers:kubeadm:default-node-token"}],
+        }))?,
+    )
+    .await?;
+
+    let out = run(&playground, &init_args(&playground, &[]));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Warning: ClusterRoleBinding kubeadm:node-autoapprove-bootstrap"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("customresourcedefinition.apiextensions.k8s.io/attestationpolicies.confidential.dev created"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "validatingwebhookconfiguration.admissionregistration.k8s.io/confidential-gate created"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("the gate answers admission requests"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+
+    // The master secret: a local file only the owner reads, equal to the
+    // Secret the gate reads.
+    use std::os::unix::fs::PermissionsExt as _;
+    let local = std::fs::read(&playground.files.master_secret)?;
+    assert_eq!(
+        std::fs::metadata(&playground.files.master_secret)?
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "confidential-system");
+    let master = secrets.get("confidential-master-secret").await?;
+    let in_cluster = secret_data(&master, "master-secret.json");
+    let parse = |b: &[u8]| serde_json::from_slice::<Value>(b).expect("json");
+    assert_eq!(parse(&local), parse(&in_cluster));
+
+    // The cluster file: ID and pin derived from that master secret.
+    let file: Value = serde_json::from_slice(&std::fs::read(&playground.files.cluster_file)?)?;
+    let m = parse(&local);
+    let master_secret = confidential_attestation::kdf::MasterSecret::new(
+        hex::decode(m["secret"].as_str().context("secret")?)?,
+        hex::decode(m["salt"].as_str().context("salt")?)?,
+    )?;
+    let cluster_id = hex::encode(master_secret.cluster_id());
+    assert_eq!(file["clusterId"], json!(cluster_id));
+    assert!(
+        stdout.contains(&format!("cluster ID: {cluster_id}")),
+        "{stdout}"
+    );
+    assert_eq!(
+        file["gatePin"],
+        json!(hex::encode(
+            confidential_attestation::atls::GateIdentity::derive(&master_secret)?.pin()
+        ))
+    );
+    assert_eq!(file["gateEndpoint"], json!(playground.join_endpoint));
+    assert!(
+        file["images"].as_object().is_some_and(|i| i
+            .values()
+            .all(|d| d.as_str().is_some_and(|d| d.starts_with("sha256:")))),
+        "{file}"
+    );
+
+    // CRDs, the policy from the signed files, the pool, the caBundle.
+    for crd in confidential_api::crds() {
+        let name = crd.metadata.name.clone().context("crd name")?;
+        Api::<CustomResourceDefinition>::all(client.clone())
+            .get(&name)
+            .await
+            .with_context(|| format!("CRD {name}"))?;
+    }
+    let policy = Api::<AttestationPolicy>::all(client.clone())
+        .get("default")
+        .await?;
+    let images: Vec<&str> = policy
+        .spec
+        .images
+        .iter()
+        .map(|i| i.image.as_str())
+        .collect();
+    assert_eq!(
+        images,
+        [
+            confidential_playground::IMAGE_V1,
+            confidential_playground::IMAGE_V2
+        ]
+    );
+    assert_eq!(policy.spec.publishers.len(), 1);
+    let pool = Api::<NodeVersion>::all(client.clone())
+        .get("default")
+        .await?;
+    assert_eq!(pool.spec.image, confidential_playground::IMAGE_V1);
+    let tls = secrets.get("confidential-webhook-tls").await?;
+    let ca = secret_data(&tls, "ca.crt");
+    for bundle in ca_bundle(&client).await? {
+        assert_eq!(bundle, ca, "every webhook trusts exactly the gate's CA");
+    }
+    gate_refuses_an_unattested_node(&client).await?;
+
+    // Second run: nothing changes, and it says so.
+    let before = (
+        secrets
+            .get("confidential-webhook-tls")
+            .await?
+            .metadata
+            .resource_version,
+        master.metadata.resource_version.clone(),
+    );
+    let out = run(&playground, &init_args(&playground, &[]));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| !l.starts_with("cluster ID"))
+        .collect();
+    assert!(lines.len() > 20, "{stdout}");
+    for line in &lines {
+        assert!(line.contains(" unchanged"), "second run changed {line}");
+    }
+    assert!(stderr.contains("init changed nothing"), "{stderr}");
+    let after = (
+        secrets
+            .get("confidential-webhook-tls")
+            .await?
+            .metadata
+            .resource_version,
+        secrets
+            .get("confidential-master-secret")
+            .await?
+            .metadata
+            .resource_version,
+    );
+    assert_eq!(before, after);
+    assert_eq!(std::fs::read(&playground.files.master_secret)?, local);
+
+    // Rotation: a new CA and certificate; the gate reloads it; every
+    // caBundle ends up trusting only the new CA; admission keeps working.
+    let out = run(
+        &playground,
+        &init_args(&playground, &["--rotate-serving-cert"]),
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("secret/confidential-webhook-tls configured"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("previous CA removed"), "{stdout}");
+    let rotated = secrets.get("confidential-webhook-tls").await?;
+    let new_ca = secret_data(&rotated, "ca.crt");
+    assert_ne!(new_ca, ca);
+    for bundle in ca_bundle(&client).await? {
+        assert_eq!(bundle, new_ca, "only the new CA is trusted after rotation");
+    }
+    gate_refuses_an_unattested_node(&client).await?;
+    // The gate really serves a certificate of the new CA, and not of the old one.
+    let served = served_certificate(&playground.gate_url).await?;
+    let der = |pem: &[u8]| {
+        confidential_attestation::tpm::parse_certificates(&String::from_utf8_lossy(pem))
+            .expect("pem")
+            .remove(0)
+    };
+    let (_, leaf) = x509_parser::parse_x509_certificate(&served).context("served cert")?;
+    let new_ca_der = der(&new_ca);
+    let old_ca_der = der(&ca);
+    let (_, new_ca_cert) = x509_parser::parse_x509_certificate(&new_ca_der)?;
+    let (_, old_ca_cert) = x509_parser::parse_x509_certificate(&old_ca_der)?;
+    assert!(
+        leaf.verify_signature(Some(new_ca_cert.public_key()))
+            .is_ok()
+    );
+    assert!(
+        leaf.verify_signature(Some(old_ca_cert.public_key()))
+            .is_err()
+    );
+    Ok(())
+}
+
+/// The leaf certificate the gate serves (not verified: only inspected).
+async fn served_certificate(url: &str) -> Result<Vec<u8>> {
+    #[derive(Debug)]
+    struct Inspect;
+    impl rustls::client::danger::ServerCertVerifier for Inspect {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(Inspect))
+        .with_no_client_auth();
+    let address = url.trim_start_matches("https://");
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tls = connector
+        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
+        .await?;
+    let (_, session) = tls.get_ref();
+    Ok(session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no certificate served")?
+        .to_vec())
+}
+
+/// What exists of an installation; all of it must stay absent after a refusal.
+async fn nothing_installed(playground: &Playground) -> Result<()> {
+    let client = &playground.client;
+    assert!(
+        Api::<CustomResourceDefinition>::all(client.clone())
+            .get_opt("attestationpolicies.confidential.dev")
+            .await?
+            .is_none(),
+        "a CRD was installed"
+    );
+    assert!(
+        Api::<Namespace>::all(client.clone())
+            .get_opt("confidential-system")
+            .await?
+            .is_none(),
+        "the namespace was created"
+    );
+    assert!(
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .get_opt("confidential-gate")
+            .await?
+            .is_none()
+    );
+    Ok(())
+}
+
+fn kustomize_manifests() -> Result<Vec<Value>> {
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let out = std::process::Command::new(confidential_testenv::binaries::kubectl()?)
+        .arg("kustomize")
+        .arg(&manifests)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout)?)?;
+    Ok(objects.into_iter().filter(|o| !o.is_null()).collect())
+}
+
+fn key(object: &Value) -> String {
+    format!(
+        "{}/{}/{}",
+        object["kind"].as_str().unwrap_or(""),
+        object["metadata"]["namespace"].as_str().unwrap_or(""),
+        object["metadata"]["name"].as_str().unwrap_or("")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> Result<()> {
+    let playground = playground().await?;
+    let d = playground.dir.clone();
+    let out_file = d.join("confidential-master-secret.json");
+
+    // --dry-run in the in-cluster layout the manifests describe: the same
+    // objects as `kubectl kustomize manifests/`, plus the generated ones.
+    let mut args: Vec<String> = init_args(&playground, &[])
+        .into_iter()
+        .filter(|a| !a.starts_with("--gate-url") && !a.starts_with("--join-exposure"))
+        .collect();
+    args.extend(
+        [
+            "--dry-run",
+            "-o",
+            "json",
+            "--node-api-server",
+            "https://kubernetes.default.svc",
+        ]
+        .map(str::to_owned),
+    );
+    let out = run(&playground, &args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let list: Value = serde_json::from_str(&stdout)?;
+    let mut generated = Vec::new();
+    let mut applied: Vec<Value> = Vec::new();
+    for mut object in list["items"].as_array().context("items")?.clone() {
+        match object["kind"].as_str() {
+            Some("Secret" | "AttestationPolicy" | "NodeVersion") => generated.push(key(&object)),
+            _ => {
+                for webhook in object["webhooks"].as_array_mut().into_iter().flatten() {
+                    let bundle = webhook["clientConfig"]
+                        .as_object_mut()
+                        .and_then(|c| c.remove("caBundle"))
+                        .context("init sets every caBundle")?;
+                    assert!(bundle.as_str().is_some_and(|b| !b.is_empty()));
+                }
+                applied.push(object);
+            }
+        }
+    }
+    assert_eq!(
+        generated,
+        [
+            "Secret/confidential-system/confidential-master-secret",
+            "Secret/confidential-system/confidential-webhook-tls",
+            "AttestationPolicy//default",
+            "NodeVersion//default"
+        ]
+    );
+    assert!(
+        !stdout.contains("BEGIN"),
+        "a dry run never prints key material"
+    );
+    let manifests = kustomize_manifests()?;
+    let keys = |objects: &[Value]| objects.iter().map(key).collect::<Vec<_>>();
+    let (mut ours, mut theirs) = (keys(&applied), keys(&manifests));
+    ours.sort();
+    theirs.sort();
+    assert_eq!(
+        ours, theirs,
+        "init applies exactly the objects of manifests/"
+    );
+    for object in &manifests {
+        let mine = applied
+            .iter()
+            .find(|o| key(o) == key(object))
+            .context("same keys")?;
+        assert_eq!(mine, object, "{} differs from manifests/", key(object));
+    }
+    assert!(!out_file.exists(), "a dry run writes no file");
+    nothing_installed(&playground).await?;
+
+    // Every bad input, one by one: a clear error, nothing changed.
+    let garbage = d.join("garbage.json");
+    std::fs::write(&garbage, "not a measurement file")?;
+    std::fs::write(d.join("garbage.json.sig"), "AAAA\n")?;
+    // A file signed by another key.
+    let forged = d.join("forged.json");
+    std::fs::copy(&playground.files.measurements_v2, &forged)?;
+    let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])?;
+    let file = confidential_attestation::measurements::MeasurementFile::from_canonical_json(
+        &std::fs::read(&forged)?,
+    )?;
+    std::fs::write(d.join("forged.json.sig"), file.sign(&other_key) + "\n")?;
+    let bad_master = d.join("bad-master.json");
+    std::fs::write(&bad_master, r#"{"secret": "00", "salt": "00"}"#)?;
+    let replace_measurements = |file: &Path| -> Vec<String> {
+        init_args(&playground, &[])
+            .into_iter()
+            .map(|a| {
+                if a.starts_with("--measurements=") && a.ends_with("node-v2.json") {
+                    format!("--measurements={}", file.display())
+                } else {
+                    a
+                }
+            })
+            .collect()
+    };
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "missing measurement file",
+            replace_measurements(&d.join("missing.json")),
+            "missing.json",
+        ),
+        (
+            "invalid measurement file",
+            replace_measurements(&garbage),
+            "parsing",
+        ),
+        (
+            "bad signature",
+            replace_measurements(&forged),
+            "is not signed by the publisher key",
+        ),
+        (
+            "image without measurements",
+            init_args(&playground, &["--image", "registry.example/unmeasured:v9"]),
+            "has no signed measurement file",
+        ),
+        (
+            "invalid master secret",
+            init_args(
+                &playground,
+                &["--master-secret", &bad_master.display().to_string()],
+            ),
+            "not usable",
+        ),
+        (
+            "unreachable API server",
+            init_args(&playground, &["--server", "https://127.0.0.1:1"]),
+            "unreachable",
+        ),
+        (
+            "webhook URL not https",
+            init_args(&playground, &["--gate-url", "http://127.0.0.1:1"]),
+            "https only",
+        ),
+    ];
+    for (what, args, says) in cases {
+        let out = run(&playground, &args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{what}: must fail");
+        assert!(stderr.contains(says), "{what}: {stderr}");
+        assert!(!out_file.exists(), "{what}: wrote the master secret");
+        nothing_installed(&playground).await?;
+    }
+
+    // An existing master-secret file is never overwritten.
+    std::fs::write(&out_file, "precious\n")?;
+    let out = run(&playground, &init_args(&playground, &[]));
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("refusing to overwrite"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&out_file)?, "precious\n");
+    nothing_installed(&playground).await?;
+    Ok(())
+}

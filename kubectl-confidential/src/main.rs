@@ -77,8 +77,14 @@ async fn main() -> Result<()> {
         return completion::run_complete(&args[2..]);
     }
     let cli = Cli::parse();
+    // kube's client logs every failed request at ERROR; the plugin reports
+    // each failure itself, with what to do next, so those stay off unless
+    // RUST_LOG asks for them.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match &cli.command {

@@ -386,11 +386,11 @@ pub fn redacted(objects: &[Value]) -> Vec<Value> {
         .iter()
         .map(|o| {
             let mut o = o.clone();
-            if kind(&o) == "Secret" {
-                if let Some(data) = o.get_mut("data").and_then(Value::as_object_mut) {
-                    for value in data.values_mut() {
-                        *value = json!("<generated; not shown>");
-                    }
+            if kind(&o) == "Secret"
+                && let Some(data) = o.get_mut("data").and_then(Value::as_object_mut)
+            {
+                for value in data.values_mut() {
+                    *value = json!("<generated; not shown>");
                 }
             }
             o

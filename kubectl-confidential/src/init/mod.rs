@@ -244,6 +244,32 @@ fn write_cluster_file(path: &Path, file: &ClusterFile) -> Result<()> {
         .with_context(|| format!("writing the cluster file {}", path.display()))
 }
 
+/// How long the gate may take to see the new AttestationPolicy in its watch.
+const POLICY_PROPAGATION: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Creates the pool. The gate checks its image against the policies it
+/// watches; right after the policy was created its watch may not have it
+/// yet, so that one refusal is retried for a while; any other fails at once.
+async fn create_pool(client: &kube::Client, pool: &Value) -> Result<Outcome> {
+    let started = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        match apply::apply(client, pool, Mode::CreateOnly).await {
+            Err(err)
+                if format!("{err:#}").contains("has no measurements in any AttestationPolicy")
+                    && started.elapsed() < POLICY_PROPAGATION =>
+            {
+                if !said {
+                    eprintln!("waiting for the gate to see the new AttestationPolicy");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) -> Result<()> {
     if namespace != objects::NAMESPACE {
         bail!(
@@ -422,14 +448,14 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
              certificate; run `kubectl confidential init` again later to drop the previous CA"
         );
     }
-    for object in all
-        .iter()
-        .filter(|o| is(o, "AttestationPolicy") || is(o, "NodeVersion"))
-    {
+    for object in all.iter().filter(|o| is(o, "AttestationPolicy")) {
         report(
             object,
             apply::apply(client, object, Mode::CreateOnly).await?,
         );
+    }
+    for object in all.iter().filter(|o| is(o, "NodeVersion")) {
+        report(object, create_pool(client, object).await?);
     }
 
     let nodes = Api::<Node>::all(client.clone())

@@ -9,13 +9,17 @@
 //! and says so.
 //!
 //! Modules: [`args`] (flags), [`secrets`] (master secret), [`pki`] (the
-//! gate's serving certificate and CA), [`objects`] (what is applied),
-//! [`apply`] (server-side apply), [`wait`] (progress until it works).
+//! gate's serving certificate and CA), [`secret_objects`] (the generated
+//! Secrets), [`objects`] (what is applied), [`addresses`] (where the gate is
+//! reached), [`apply`] (server-side apply), [`wait`] (progress until it
+//! works).
 
+pub mod addresses;
 pub mod apply;
 pub mod args;
 pub mod objects;
 pub mod pki;
+pub mod secret_objects;
 pub mod secrets;
 pub mod wait;
 
@@ -36,14 +40,11 @@ use crate::connection::ConnectionArgs;
 use crate::output::Format;
 use crate::verify::trust::{ClusterFile, TrustedFile, read_ek_cas, read_signed_file};
 use apply::{Mode, Outcome};
-use args::{InitArgs, JoinExposure};
+use args::InitArgs;
 use objects::{GatePlacement, Install, Layout};
 use secrets::{Identity, LocalFile, MasterSecretFile};
 
 pub use args::InitArgs as Args;
-
-/// Port of the join endpoint in the gate's Pod and its Services.
-const JOIN_PORT: u16 = 9443;
 
 /// The local inputs, all checked.
 struct Inputs {
@@ -131,95 +132,6 @@ fn policy(args: &InitArgs, inputs: &Inputs) -> Result<AttestationPolicy> {
     Ok(AttestationPolicy::new(&args.policy, spec))
 }
 
-/// The names the gate's serving certificate must cover.
-fn serving_names(placement: &GatePlacement) -> Result<Vec<String>> {
-    Ok(match placement {
-        GatePlacement::InCluster => vec![
-            format!("{}.{}.svc", objects::GATE, objects::NAMESPACE),
-            format!("{}.{}.svc.cluster.local", objects::GATE, objects::NAMESPACE),
-        ],
-        GatePlacement::External(url) => {
-            let uri: http::Uri = url
-                .parse()
-                .with_context(|| format!("--gate-url {url:?} is not a URL"))?;
-            if uri.scheme_str() != Some("https") {
-                bail!("--gate-url {url}: the API server calls webhooks over https only");
-            }
-            let host = uri
-                .host()
-                .with_context(|| format!("--gate-url {url} names no host"))?;
-            vec![
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned(),
-            ]
-        }
-    })
-}
-
-/// Where machines reach the join endpoint (pure), for the cluster file.
-fn gate_endpoint(
-    exposure: &JoinExposure,
-    nodes: &[Node],
-    join_service: Option<&Service>,
-    server: &str,
-) -> Option<String> {
-    let address = |node: &Node| {
-        node.status
-            .as_ref()?
-            .addresses
-            .as_ref()?
-            .iter()
-            .find(|a| a.type_ == "InternalIP")
-            .map(|a| a.address.clone())
-    };
-    let is_control_plane = |node: &Node| {
-        node.metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key("node-role.kubernetes.io/control-plane"))
-    };
-    let control_plane = nodes
-        .iter()
-        .filter(|n| is_control_plane(n))
-        .find_map(address);
-    match exposure {
-        JoinExposure::External(address) => Some(address.clone()),
-        JoinExposure::HostNetwork => control_plane.map(|a| format!("{a}:{JOIN_PORT}")),
-        JoinExposure::NodePort => {
-            let port = join_service?
-                .spec
-                .as_ref()?
-                .ports
-                .as_ref()?
-                .iter()
-                .find_map(|p| p.node_port)?;
-            let host = control_plane
-                .or_else(|| nodes.iter().find_map(address))
-                .or_else(|| {
-                    server
-                        .parse::<http::Uri>()
-                        .ok()
-                        .and_then(|u| u.host().map(str::to_owned))
-                })?;
-            Some(format!("{host}:{port}"))
-        }
-        JoinExposure::LoadBalancer => {
-            let ingress = join_service?
-                .status
-                .as_ref()?
-                .load_balancer
-                .as_ref()?
-                .ingress
-                .as_ref()?
-                .first()?
-                .clone();
-            let host = ingress.ip.or(ingress.hostname)?;
-            Some(format!("{host}:{JOIN_PORT}"))
-        }
-    }
-}
-
 fn print_objects(objects: &[Value], format: Format) -> Result<()> {
     match format {
         Format::Json => println!(
@@ -283,7 +195,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         Some(url) => GatePlacement::External(url.clone()),
         None => GatePlacement::InCluster,
     };
-    let names = serving_names(&placement)?;
+    let names = addresses::serving_names(&placement)?;
 
     let cluster = connection.client().await?;
     let client = &cluster.client;
@@ -298,10 +210,10 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     // What the cluster holds already.
     let existing_master = apply::read(
         client,
-        &objects::master_secret_object(&MasterSecretFile::generate()),
+        &secret_objects::master_secret_object(&MasterSecretFile::generate()),
     )
     .await?
-    .map(|s| objects::master_secret_from_secret(&s))
+    .map(|s| secret_objects::master_secret_from_secret(&s))
     .transpose()?;
     let plan = secrets::plan_master_secret(
         inputs.given_master.clone(),
@@ -313,9 +225,12 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     let identity = Identity::of(&plan.secret)?;
     let now = jiff::Timestamp::now();
     let placeholder_cert = pki::issue(&names, now)?;
-    let existing_cert = apply::read(client, &objects::tls_secret_object(&placeholder_cert))
-        .await?
-        .and_then(|s| objects::serving_cert_from_secret(&s));
+    let existing_cert = apply::read(
+        client,
+        &secret_objects::tls_secret_object(&placeholder_cert),
+    )
+    .await?
+    .and_then(|s| secret_objects::serving_cert_from_secret(&s));
     let serving = match &existing_cert {
         Some(cert) if pki::reusable(cert, &names, now, args.rotate_serving_cert) => cert.clone(),
         _ => placeholder_cert,
@@ -467,7 +382,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         .get_opt(objects::JOIN_SERVICE)
         .await
         .context("reading the join Service")?;
-    let endpoint = gate_endpoint(
+    let endpoint = addresses::gate_endpoint(
         &args.join_exposure,
         &nodes,
         join_service.as_ref(),
@@ -503,73 +418,4 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     );
     println!("cluster ID: {}", identity.cluster_id);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn the_join_endpoint_follows_the_exposure() {
-        let node = |name: &str, ip: &str, cp: bool| -> Node {
-            let labels = if cp {
-                json!({"node-role.kubernetes.io/control-plane": ""})
-            } else {
-                json!({})
-            };
-            serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": labels},
-                "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
-            }))
-            .expect("node")
-        };
-        let nodes = [node("w", "10.0.0.9", false), node("cp", "10.0.0.1", true)];
-        let service: Service = serde_json::from_value(json!({
-            "spec": {"ports": [{"port": 9443, "nodePort": 30443}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}},
-        }))
-        .expect("svc");
-        let server = "https://198.51.100.1:6443";
-        assert_eq!(
-            gate_endpoint(&JoinExposure::NodePort, &nodes, Some(&service), server).as_deref(),
-            Some("10.0.0.1:30443")
-        );
-        assert_eq!(
-            gate_endpoint(&JoinExposure::NodePort, &[], Some(&service), server).as_deref(),
-            Some("198.51.100.1:30443")
-        );
-        assert_eq!(
-            gate_endpoint(&JoinExposure::LoadBalancer, &nodes, Some(&service), server).as_deref(),
-            Some("203.0.113.5:9443")
-        );
-        assert_eq!(
-            gate_endpoint(&JoinExposure::HostNetwork, &nodes, None, server).as_deref(),
-            Some("10.0.0.1:9443")
-        );
-        assert_eq!(
-            gate_endpoint(
-                &JoinExposure::External("gate.example:443".into()),
-                &[],
-                None,
-                server
-            )
-            .as_deref(),
-            Some("gate.example:443")
-        );
-    }
-
-    #[test]
-    fn serving_names_cover_the_service_or_the_gate_url() {
-        assert_eq!(
-            serving_names(&GatePlacement::InCluster).expect("names")[0],
-            "confidential-webhook.confidential-system.svc"
-        );
-        assert_eq!(
-            serving_names(&GatePlacement::External("https://127.0.0.1:8443".into()))
-                .expect("names"),
-            vec!["127.0.0.1".to_owned()]
-        );
-        assert!(serving_names(&GatePlacement::External("http://127.0.0.1:8443".into())).is_err());
-    }
 }

@@ -642,3 +642,79 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
     nothing_installed(&playground).await?;
     Ok(())
 }
+
+/// The in-cluster layout (no `--gate-url`) on a real API server: every
+/// object of `manifests/` is accepted by server-side apply, the gate's
+/// Deployment hands joining nodes this cluster's API server, the join
+/// Service is a NodePort; with no kubelet to run the gate, init reports
+/// that the gate does not answer and what to check, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_not_answer()
+-> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    let playground = playground().await?;
+    let client = playground.client.clone();
+    let args: Vec<String> = init_args(&playground, &["--timeout", "15s"])
+        .into_iter()
+        .filter(|a| !a.starts_with("--gate-url") && !a.starts_with("--join-exposure"))
+        .collect();
+    let out = run(&playground, &args);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        !out.status.success(),
+        "no gate runs, so init cannot succeed"
+    );
+    assert!(stderr.contains("did not answer within"), "{stderr}");
+    assert!(
+        stderr.contains("kubectl -n confidential-system get pods"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+    assert!(
+        stdout.contains("deployment.apps/confidential-webhook created"),
+        "{stdout}"
+    );
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "confidential-system");
+    for name in ["confidential-webhook", "confidential-controllers"] {
+        let deployment = deployments.get(name).await?;
+        let container = &deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .context("pod spec")?
+            .containers[0];
+        let image = container.image.clone().unwrap_or_default();
+        assert!(image.contains("@sha256:"), "{name}: {image}");
+        if name == "confidential-webhook" {
+            let args = container.args.clone().unwrap_or_default();
+            let server = playground.control_plane.server.trim_end_matches('/');
+            assert!(
+                args.iter()
+                    .any(|a| a.trim_end_matches('/') == format!("--join-api-server={server}")),
+                "joining nodes get this cluster's API server: {args:?}"
+            );
+        }
+    }
+    let join = Api::<Service>::namespaced(client.clone(), "confidential-system")
+        .get("confidential-gate-join")
+        .await?;
+    let spec = join.spec.context("spec")?;
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    assert_eq!(spec.ports.unwrap_or_default()[0].node_port, Some(30443));
+    let tls = Api::<Secret>::namespaced(client.clone(), "confidential-system")
+        .get("confidential-webhook-tls")
+        .await?;
+    let names = tls
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get("confidential.dev/serving-names")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        names.contains("confidential-webhook.confidential-system.svc"),
+        "{names}"
+    );
+    Ok(())
+}

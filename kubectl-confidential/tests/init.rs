@@ -556,6 +556,12 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
         &std::fs::read(&forged)?,
     )?;
     std::fs::write(d.join("forged.json.sig"), file.sign(&other_key) + "\n")?;
+    let foreign_images = d.join("foreign-images.json");
+    std::fs::write(
+        &foreign_images,
+        json!({"images": [{"name": "ghcr.io/elsewhere/gate", "digest": format!("sha256:{}", "00".repeat(32))}]})
+            .to_string(),
+    )?;
     let bad_master = d.join("bad-master.json");
     std::fs::write(&bad_master, r#"{"secret": "00", "salt": "00"}"#)?;
     let replace_measurements = |file: &Path| -> Vec<String> {
@@ -598,6 +604,14 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
                 &["--master-secret", &bad_master.display().to_string()],
             ),
             "not usable",
+        ),
+        (
+            "images file naming an image the manifests do not use",
+            init_args(
+                &playground,
+                &["--images", &foreign_images.display().to_string()],
+            ),
+            "is not used by manifests/",
         ),
         (
             "unreachable API server",
@@ -655,7 +669,20 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
     use k8s_openapi::api::core::v1::Service;
     let playground = playground().await?;
     let client = playground.client.clone();
-    let args: Vec<String> = init_args(&playground, &["--timeout", "15s"])
+    // The images `cargo xtask images` built replace the kustomization's digests.
+    let built_digest = format!("sha256:{}", "5e".repeat(32));
+    let images_file = playground.dir.join("images.json");
+    std::fs::write(
+        &images_file,
+        json!({"version": "0.1.0", "images": [{
+            "name": "ghcr.io/kubectl-confidential/confidential-webhook",
+            "digest": built_digest,
+            "tag": "v0.1.0",
+        }]})
+        .to_string(),
+    )?;
+    let images_arg = images_file.display().to_string();
+    let args: Vec<String> = init_args(&playground, &["--timeout", "15s", "--images", &images_arg])
         .into_iter()
         .filter(|a| !a.starts_with("--gate-url") && !a.starts_with("--join-exposure"))
         .collect();
@@ -687,6 +714,10 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
         let image = container.image.clone().unwrap_or_default();
         assert!(image.contains("@sha256:"), "{name}: {image}");
         if name == "confidential-webhook" {
+            assert_eq!(
+                image,
+                format!("ghcr.io/kubectl-confidential/confidential-webhook@{built_digest}")
+            );
             let args = container.args.clone().unwrap_or_default();
             let server = playground.control_plane.server.trim_end_matches('/');
             assert!(

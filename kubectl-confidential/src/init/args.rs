@@ -109,6 +109,11 @@ pub struct InitArgs {
     /// API server URL handed to joining nodes (default: this kubeconfig's server).
     #[arg(long, value_name = "URL")]
     pub node_api_server: Option<String>,
+    /// The images to install instead of the digests in
+    /// manifests/kustomization.yaml: the `images.json` that
+    /// `cargo xtask images` writes (`{"images": [{"name": REPO, "digest": "sha256:..."}]}`).
+    #[arg(long, value_name = "FILE")]
+    pub images: Option<PathBuf>,
     /// Out-of-cluster mode: the gate and the operator run as processes
     /// outside the cluster (no Deployments or Services are installed) and
     /// the API server calls the gate at this URL (https://HOST:PORT).

@@ -49,6 +49,7 @@ pub use args::InitArgs as Args;
 /// The local inputs, all checked.
 struct Inputs {
     trusted: Vec<TrustedFile>,
+    images: Vec<objects::PinnedImage>,
     publisher_key_pem: String,
     ek_ca_pems: Vec<String>,
     given_master: Option<MasterSecretFile>,
@@ -77,6 +78,25 @@ fn read_inputs(args: &InitArgs) -> Result<Inputs> {
         .iter()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<Vec<_>>>()?;
+    let images = match &args.images {
+        None => objects::pinned_images()?,
+        Some(path) => {
+            #[derive(serde::Deserialize)]
+            struct ImagesFile {
+                images: Vec<objects::PinnedImage>,
+            }
+            let text = std::fs::read(path)
+                .with_context(|| format!("reading --images {}", path.display()))?;
+            let file: ImagesFile = serde_json::from_slice(&text).with_context(|| {
+                format!(
+                    "{} is not an images file ({{\"images\": [{{\"name\": ..., \"digest\": ...}}]}})",
+                    path.display()
+                )
+            })?;
+            objects::images_with(&file.images)
+                .with_context(|| format!("--images {}", path.display()))?
+        }
+    };
     let given_master = args
         .master_secret
         .as_deref()
@@ -97,6 +117,7 @@ fn read_inputs(args: &InitArgs) -> Result<Inputs> {
     }
     Ok(Inputs {
         trusted,
+        images,
         publisher_key_pem,
         ek_ca_pems,
         given_master,
@@ -272,6 +293,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     );
     let install = Install {
         layout,
+        images: inputs.images.clone(),
         master: plan.secret.clone(),
         serving: serving.clone(),
         ca_bundle,
@@ -388,8 +410,10 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         join_service.as_ref(),
         &cluster.server,
     );
-    let images: BTreeMap<String, String> = objects::pinned_images()?
-        .into_iter()
+    let images: BTreeMap<String, String> = inputs
+        .images
+        .iter()
+        .cloned()
         .map(|p| (p.name, p.digest))
         .collect();
     let cluster_file = ClusterFile {

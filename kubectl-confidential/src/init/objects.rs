@@ -125,19 +125,54 @@ fn name(object: &Value) -> &str {
         .unwrap_or("")
 }
 
+/// The images to install: the kustomization's entries, each replaced by the
+/// entry of the same name in `built` (what `cargo xtask images` wrote in
+/// `dist/images.json`, passed with `--images`). A built image the manifests
+/// do not use is an error: it would silently install nothing.
+pub fn images_with(built: &[PinnedImage]) -> Result<Vec<PinnedImage>> {
+    let mut images = pinned_images()?;
+    for image in built {
+        if !image.digest.starts_with("sha256:") || image.digest.len() != 71 {
+            bail!(
+                "image {}: digest {:?} is not sha256:<64 hex>",
+                image.name,
+                image.digest
+            );
+        }
+        match images.iter_mut().find(|i| i.name == image.name) {
+            Some(entry) => entry.digest = image.digest.clone(),
+            None => bail!(
+                "image {} is not used by manifests/ (it uses {})",
+                image.name,
+                images
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    Ok(images)
+}
+
 /// The objects of `manifests/` as `kubectl kustomize manifests/` renders
 /// them: the CRDs, then every file's documents, images pinned by digest.
+#[cfg(test)]
 pub fn manifest_objects() -> Result<Vec<Value>> {
+    manifest_objects_with(&pinned_images()?)
+}
+
+/// [`manifest_objects`] with `images` pinned instead of the kustomization's.
+pub fn manifest_objects_with(images: &[PinnedImage]) -> Result<Vec<Value>> {
     let mut objects = Vec::new();
     for crd in confidential_api::crds() {
         objects.push(serde_json::to_value(crd)?);
     }
-    let images = pinned_images()?;
     for (path, text) in MANIFESTS {
         let documents: Vec<Value> = serde_saphyr::from_multiple(text)
             .with_context(|| format!("parsing manifests/{path}"))?;
         for mut object in documents.into_iter().filter(|d| !d.is_null()) {
-            pin_images(&mut object, &images);
+            pin_images(&mut object, images);
             objects.push(object);
         }
     }
@@ -254,6 +289,8 @@ pub fn set_ca_bundle(objects: &mut [Value], ca_bundle_pem: &str) {
 /// Everything `init` applies, in order.
 pub struct Install {
     pub layout: Layout,
+    /// The gate's and the operator's images, by digest.
+    pub images: Vec<PinnedImage>,
     pub master: MasterSecretFile,
     pub serving: ServingCert,
     /// PEM CAs the API server trusts for the gate (the serving CA, and while
@@ -265,7 +302,7 @@ pub struct Install {
 
 /// The full, ordered list of objects of `install`.
 pub fn objects(install: &Install) -> Result<Vec<Value>> {
-    let mut objects = lay_out(manifest_objects()?, &install.layout);
+    let mut objects = lay_out(manifest_objects_with(&install.images)?, &install.layout);
     set_ca_bundle(&mut objects, &install.ca_bundle);
     // Secrets before the gate's Deployment that mounts them, right after
     // the namespace.
@@ -348,6 +385,43 @@ mod tests {
         assert_eq!(repository("r.example:5000/a/b:v1"), "r.example:5000/a/b");
         assert_eq!(repository("r.example:5000/a/b"), "r.example:5000/a/b");
         assert_eq!(repository("a/b@sha256:00"), "a/b");
+    }
+
+    #[test]
+    fn built_images_replace_the_kustomization_digests_by_name() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let built = [PinnedImage {
+            name: "ghcr.io/kubectl-confidential/confidential-webhook".to_owned(),
+            digest: digest.clone(),
+        }];
+        let images = images_with(&built).expect("images");
+        let objects = manifest_objects_with(&images).expect("objects");
+        let gate = find(&objects, "Deployment", GATE).expect("gate");
+        assert_eq!(
+            gate["spec"]["template"]["spec"]["containers"][0]["image"],
+            json!(format!(
+                "ghcr.io/kubectl-confidential/confidential-webhook@{digest}"
+            ))
+        );
+        let operator = find(&objects, "Deployment", "confidential-controllers").expect("operator");
+        assert!(
+            operator
+                .to_string()
+                .contains(&pinned_images().expect("pins")[1].digest),
+            "the other image keeps the kustomization's digest"
+        );
+        for bad in [
+            PinnedImage {
+                name: "ghcr.io/other/image".to_owned(),
+                digest: digest.clone(),
+            },
+            PinnedImage {
+                name: built[0].name.clone(),
+                digest: "sha256:00".to_owned(),
+            },
+        ] {
+            assert!(images_with(&[bad]).is_err());
+        }
     }
 
     #[test]

@@ -78,7 +78,9 @@ impl SwtpmProvider {
             join_endpoints,
             gate_pin,
             slots: Mutex::new(BTreeMap::new()),
-            booted: AtomicU32::new(0),
+            // A random start: two playgrounds on one host rarely pick the
+            // same addresses.
+            booted: AtomicU32::new(u32::from(rand::random::<u16>())),
         }
     }
 

@@ -541,6 +541,30 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
         let difference = first_difference(&normalised(mine), &normalised(object), "");
         assert_eq!(difference, None, "{} differs from manifests/", key(object));
     }
+    // The same objects as YAML documents.
+    let yaml_args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a == "json" {
+                "yaml".to_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let out = run(&playground, &yaml_args);
+    assert!(out.status.success());
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&text(&out).0)?;
+    let documents: Vec<Value> = documents.into_iter().filter(|d| !d.is_null()).collect();
+    assert_eq!(
+        documents.iter().map(key).collect::<Vec<_>>(),
+        list["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .map(key)
+            .collect::<Vec<_>>()
+    );
     assert!(!out_file.exists(), "a dry run writes no file");
     nothing_installed(&playground).await?;
 

@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use confidential_api::{AttestationPolicy, NodeVersion};
 use init_support::*;
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
@@ -193,6 +194,13 @@ async fn init_installs_everything_a_second_run_changes_nothing_and_rotation_reis
     for bundle in ca_bundle(&client).await? {
         assert_eq!(bundle, new_ca, "only the new CA is trusted after rotation");
     }
+    assert!(
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .get_opt("kubectl-confidential-rotation-probe")
+            .await?
+            .is_none(),
+        "the temporary rotation probe is removed"
+    );
     gate_refuses_an_unattested_node(&client).await?;
     // The gate really serves a certificate of the new CA, and not of the old one.
     let served = served_certificate(&playground.gate_url).await?;

@@ -19,6 +19,7 @@ pub mod apply;
 pub mod args;
 pub mod objects;
 pub mod pki;
+pub mod rotation;
 pub mod secret_objects;
 pub mod secrets;
 pub mod wait;
@@ -365,26 +366,6 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         ),
     };
     wait::gate_answers(client, &where_, args.timeout, hint).await?;
-    if let (Some(_), GatePlacement::External(url)) = (&previous_ca, &placement) {
-        wait::gate_serves(url, &serving.ca_pem, args.timeout).await?;
-        let mut only_new = all.clone();
-        objects::set_ca_bundle(&mut only_new, &serving.ca_pem);
-        for object in only_new
-            .iter()
-            .filter(|o| is(o, "ValidatingWebhookConfiguration"))
-        {
-            apply::apply(client, object, Mode::Apply).await?;
-            println!(
-                "{} configured (previous CA removed from caBundle)",
-                apply::describe(object)
-            );
-        }
-    } else if previous_ca.is_some() {
-        eprintln!(
-            "the caBundle trusts the new and the previous CA while the gate's pods reload the \
-             certificate; run `kubectl confidential init` again later to drop the previous CA"
-        );
-    }
     for object in all.iter().filter(|o| is(o, "AttestationPolicy")) {
         report(
             object,
@@ -441,5 +422,32 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         args.cluster_file.display()
     );
     println!("cluster ID: {}", identity.cluster_id);
+    if previous_ca.is_some() {
+        complete_rotation(client, &all, &serving.ca_pem, args.timeout).await?;
+    }
+    Ok(())
+}
+
+/// Drops the previous CA from the caBundle once the API server reaches the
+/// gate trusting the new CA alone (see [`rotation`]).
+async fn complete_rotation(
+    client: &kube::Client,
+    all: &[Value],
+    ca_pem: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let mut only_new = all.to_vec();
+    objects::set_ca_bundle(&mut only_new, ca_pem);
+    let configuration = only_new
+        .iter()
+        .find(|o| o["kind"] == "ValidatingWebhookConfiguration")
+        .context("no webhook configuration")?;
+    let client_config = &configuration["webhooks"][0]["clientConfig"];
+    rotation::new_certificate_live(client, client_config, ca_pem, timeout).await?;
+    apply::apply(client, configuration, Mode::Apply).await?;
+    println!(
+        "{} configured (previous CA removed from caBundle)",
+        apply::describe(configuration)
+    );
     Ok(())
 }

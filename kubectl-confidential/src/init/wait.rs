@@ -151,51 +151,6 @@ pub async fn gate_answers(
     }
 }
 
-/// Whether the gate at `url` serves a certificate that verifies under
-/// `ca_pem` alone (after a rotation: the new certificate is live).
-pub async fn serves_certificate_of(url: &str, ca_pem: &str) -> Result<bool> {
-    use http_body_util::Empty;
-    use hyper_util::client::legacy::Client as HttpClient;
-    use hyper_util::rt::TokioExecutor;
-    let mut roots = rustls::RootCertStore::empty();
-    for der in confidential_attestation::tpm::parse_certificates(ca_pem)? {
-        roots.add(rustls::pki_types::CertificateDer::from(der))?;
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_only()
-        .enable_http1()
-        .build();
-    let client: HttpClient<_, Empty<bytes::Bytes>> =
-        HttpClient::builder(TokioExecutor::new()).build(https);
-    let uri: http::Uri = format!("{}/healthz", url.trim_end_matches('/')).parse()?;
-    Ok(matches!(
-        tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await,
-        Ok(Ok(_))
-    ))
-}
-
-/// Waits until the gate at `url` serves a certificate of `ca_pem`.
-pub async fn gate_serves(url: &str, ca_pem: &str, timeout: Duration) -> Result<()> {
-    let started = tokio::time::Instant::now();
-    eprintln!("waiting for the gate ({url}) to serve the new certificate");
-    loop {
-        if serves_certificate_of(url, ca_pem).await? {
-            return Ok(());
-        }
-        if started.elapsed() > timeout {
-            bail!(
-                "the gate ({url}) still serves its previous certificate after {timeout:?}; \
-                 both CAs stay in the caBundle, so admission keeps working. Run init again once it reloaded"
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

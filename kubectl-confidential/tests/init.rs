@@ -453,7 +453,11 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
     Ok(())
 }
 
-/// The in-cluster layout (no `--gate-url`) on a real API server: every
+/// The gate's namespace of the in-cluster test (`-n`).
+const NS: &str = "confidential-test";
+
+/// The in-cluster layout (no `--gate-url`) in another namespace (`-n`) on a
+/// real API server: every
 /// object of `manifests/` is accepted by server-side apply, the gate's
 /// Deployment hands joining nodes this cluster's API server, the join
 /// Service is a NodePort; with no kubelet to run the gate, init reports
@@ -478,10 +482,13 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
         .to_string(),
     )?;
     let images_arg = images_file.display().to_string();
-    let args: Vec<String> = init_args(&playground, &["--timeout", "15s", "--images", &images_arg])
-        .into_iter()
-        .filter(|a| !a.starts_with("--gate-url") && !a.starts_with("--join-exposure"))
-        .collect();
+    let args: Vec<String> = init_args(
+        &playground,
+        &["--timeout", "15s", "--images", &images_arg, "-n", NS],
+    )
+    .into_iter()
+    .filter(|a| !a.starts_with("--gate-url") && !a.starts_with("--join-exposure"))
+    .collect();
     let out = run(&playground, &args);
     let (stdout, stderr) = text(&out);
     assert!(
@@ -490,7 +497,7 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
     );
     assert!(stderr.contains("did not answer within"), "{stderr}");
     assert!(
-        stderr.contains("kubectl -n confidential-system get pods"),
+        stderr.contains("kubectl -n confidential-test get pods"),
         "{stderr}"
     );
     assert!(!stderr.contains("ERROR"), "{stderr}");
@@ -499,7 +506,7 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
         "{stdout}"
     );
 
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "confidential-system");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     for name in ["confidential-webhook", "confidential-controllers"] {
         let deployment = deployments.get(name).await?;
         let container = &deployment
@@ -523,14 +530,24 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
             );
         }
     }
-    let join = Api::<Service>::namespaced(client.clone(), "confidential-system")
+    let join = Api::<Service>::namespaced(client.clone(), NS)
         .get("confidential-gate-join")
         .await?;
     let spec = join.spec.context("spec")?;
     assert_eq!(spec.type_.as_deref(), Some("NodePort"));
     assert_eq!(spec.ports.unwrap_or_default()[0].node_port, Some(30443));
-    let tls = Api::<Secret>::namespaced(client.clone(), "confidential-system")
+    let tls = Api::<Secret>::namespaced(client.clone(), NS)
         .get("confidential-webhook-tls")
+        .await?;
+    // Everything of the gate's namespace moved; kube-system's Role stayed.
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .get_opt("confidential-system")
+            .await?
+            .is_none()
+    );
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), "kube-system")
+        .get("confidential-webhook-bootstrap-tokens")
         .await?;
     let names = tls
         .metadata
@@ -540,7 +557,7 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
         .cloned()
         .unwrap_or_default();
     assert!(
-        names.contains("confidential-webhook.confidential-system.svc"),
+        names.contains("confidential-webhook.confidential-test.svc"),
         "{names}"
     );
     Ok(())

@@ -13,11 +13,11 @@ use super::objects::{self, GatePlacement};
 const JOIN_PORT: u16 = 9443;
 
 /// The names the gate's serving certificate must cover.
-pub fn serving_names(placement: &GatePlacement) -> Result<Vec<String>> {
+pub fn serving_names(placement: &GatePlacement, namespace: &str) -> Result<Vec<String>> {
     Ok(match placement {
         GatePlacement::InCluster => vec![
-            format!("{}.{}.svc", objects::GATE, objects::NAMESPACE),
-            format!("{}.{}.svc.cluster.local", objects::GATE, objects::NAMESPACE),
+            format!("{}.{namespace}.svc", objects::GATE),
+            format!("{}.{namespace}.svc.cluster.local", objects::GATE),
         ],
         GatePlacement::External(url) => {
             let uri: http::Uri = url
@@ -158,14 +158,23 @@ mod tests {
     #[test]
     fn serving_names_cover_the_service_or_the_gate_url() {
         assert_eq!(
-            serving_names(&GatePlacement::InCluster).expect("names")[0],
+            serving_names(&GatePlacement::InCluster, objects::NAMESPACE).expect("names")[0],
             "confidential-webhook.confidential-system.svc"
         );
         assert_eq!(
-            serving_names(&GatePlacement::External("https://127.0.0.1:8443".into()))
-                .expect("names"),
+            serving_names(
+                &GatePlacement::External("https://127.0.0.1:8443".into()),
+                objects::NAMESPACE
+            )
+            .expect("names"),
             vec!["127.0.0.1".to_owned()]
         );
-        assert!(serving_names(&GatePlacement::External("http://127.0.0.1:8443".into())).is_err());
+        assert!(
+            serving_names(
+                &GatePlacement::External("http://127.0.0.1:8443".into()),
+                objects::NAMESPACE
+            )
+            .is_err()
+        );
     }
 }

@@ -205,19 +205,13 @@ async fn create_pool(client: &kube::Client, pool: &Value) -> Result<Outcome> {
 }
 
 pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) -> Result<()> {
-    if namespace != objects::NAMESPACE {
-        bail!(
-            "init installs into the namespace {}; -n {namespace} is not supported by init",
-            objects::NAMESPACE
-        );
-    }
     // Local inputs first: a bad one changes nothing anywhere.
     let inputs = read_inputs(args)?;
     let placement = match &args.gate_url {
         Some(url) => GatePlacement::External(url.clone()),
         None => GatePlacement::InCluster,
     };
-    let names = addresses::serving_names(&placement)?;
+    let names = addresses::serving_names(&placement, namespace)?;
 
     let cluster = connection.client().await?;
     let client = &cluster.client;
@@ -230,9 +224,12 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     }
 
     // What the cluster holds already.
+    let in_ns = |object: Value| objects::in_namespace(vec![object], namespace).remove(0);
     let existing_master = apply::read(
         client,
-        &secret_objects::master_secret_object(&MasterSecretFile::generate()),
+        &in_ns(secret_objects::master_secret_object(
+            &MasterSecretFile::generate(),
+        )),
     )
     .await?
     .map(|s| secret_objects::master_secret_from_secret(&s))
@@ -293,6 +290,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         },
     );
     let install = Install {
+        namespace: namespace.to_owned(),
         layout,
         images: inputs.images.clone(),
         master: plan.secret.clone(),
@@ -358,14 +356,14 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     let (where_, hint) = match &placement {
         GatePlacement::External(url) => (
             url.clone(),
-            "Start the gate (confidential-webhook) there with the Secrets init created",
+            "Start the gate (confidential-webhook) there with the Secrets init created".to_owned(),
         ),
         GatePlacement::InCluster => (
-            format!("Service {}/{}", objects::NAMESPACE, objects::GATE),
-            "Check `kubectl -n confidential-system get pods` and the gate's logs",
+            format!("Service {namespace}/{}", objects::GATE),
+            format!("Check `kubectl -n {namespace} get pods` and the gate's logs"),
         ),
     };
-    wait::gate_answers(client, &where_, args.timeout, hint).await?;
+    wait::gate_answers(client, &where_, args.timeout, &hint).await?;
     for object in all.iter().filter(|o| is(o, "AttestationPolicy")) {
         report(
             object,
@@ -381,7 +379,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         .await
         .context("listing Nodes for the join endpoint's address")?
         .items;
-    let join_service = Api::<Service>::namespaced(client.clone(), objects::NAMESPACE)
+    let join_service = Api::<Service>::namespaced(client.clone(), namespace)
         .get_opt(objects::JOIN_SERVICE)
         .await
         .context("reading the join Service")?;
@@ -423,7 +421,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
     );
     println!("cluster ID: {}", identity.cluster_id);
     if previous_ca.is_some() {
-        complete_rotation(client, &all, &serving.ca_pem, args.timeout).await?;
+        complete_rotation(client, namespace, &all, &serving.ca_pem, args.timeout).await?;
     }
     Ok(())
 }
@@ -432,6 +430,7 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
 /// gate trusting the new CA alone (see [`rotation`]).
 async fn complete_rotation(
     client: &kube::Client,
+    namespace: &str,
     all: &[Value],
     ca_pem: &str,
     timeout: std::time::Duration,
@@ -443,7 +442,7 @@ async fn complete_rotation(
         .find(|o| o["kind"] == "ValidatingWebhookConfiguration")
         .context("no webhook configuration")?;
     let client_config = &configuration["webhooks"][0]["clientConfig"];
-    rotation::new_certificate_live(client, client_config, ca_pem, timeout).await?;
+    rotation::new_certificate_live(client, namespace, client_config, ca_pem, timeout).await?;
     apply::apply(client, configuration, Mode::Apply).await?;
     println!(
         "{} configured (previous CA removed from caBundle)",

@@ -269,6 +269,90 @@ pub fn lay_out(objects: Vec<Value>, layout: &Layout) -> Vec<Value> {
     out
 }
 
+/// Moves everything of the gate's namespace to `namespace` (pure), as
+/// kustomize's namespace transformer would, but only what lives in the
+/// gate's namespace (the bootstrap-token Roles stay in kube-system): the
+/// Namespace itself, namespaced objects, RBAC subjects, the webhooks'
+/// Service and namespace selectors, the gate's exempt namespaces and the
+/// operator's leader Lease.
+pub fn in_namespace(objects: Vec<Value>, namespace: &str) -> Vec<Value> {
+    if namespace == NAMESPACE {
+        return objects;
+    }
+    let moved = |value: &mut Value| {
+        if value.as_str() == Some(NAMESPACE) {
+            *value = json!(namespace);
+        }
+    };
+    objects
+        .into_iter()
+        .map(|mut object| {
+            if kind(&object) == "Namespace"
+                && let Some(name) = object.pointer_mut("/metadata/name")
+            {
+                moved(name);
+            }
+            if let Some(ns) = object.pointer_mut("/metadata/namespace") {
+                moved(ns);
+            }
+            for subject in object
+                .get_mut("subjects")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(ns) = subject.get_mut("namespace") {
+                    moved(ns);
+                }
+            }
+            for webhook in object
+                .get_mut("webhooks")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(ns) = webhook.pointer_mut("/clientConfig/service/namespace") {
+                    moved(ns);
+                }
+                for expression in webhook
+                    .pointer_mut("/namespaceSelector/matchExpressions")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    for value in expression
+                        .get_mut("values")
+                        .and_then(Value::as_array_mut)
+                        .into_iter()
+                        .flatten()
+                    {
+                        moved(value);
+                    }
+                }
+            }
+            if kind(&object) == "Deployment" {
+                let extra = match name(&object) {
+                    GATE => Some(format!(
+                        "--exempt-namespaces=kube-system,kube-node-lease,kube-public,{namespace}"
+                    )),
+                    "confidential-controllers" => Some(format!("--leader-namespace={namespace}")),
+                    _ => None,
+                };
+                if let (Some(extra), Some(container)) = (
+                    extra,
+                    object.pointer_mut("/spec/template/spec/containers/0"),
+                ) {
+                    match container.get_mut("args").and_then(Value::as_array_mut) {
+                        Some(args) => args.push(json!(extra)),
+                        None => container["args"] = json!([extra]),
+                    }
+                }
+            }
+            object
+        })
+        .collect()
+}
+
 /// Sets every webhook's caBundle of the gate's webhook configuration.
 pub fn set_ca_bundle(objects: &mut [Value], ca_bundle_pem: &str) {
     for object in objects
@@ -288,6 +372,8 @@ pub fn set_ca_bundle(objects: &mut [Value], ca_bundle_pem: &str) {
 
 /// Everything `init` applies, in order.
 pub struct Install {
+    /// The namespace of the gate and the operator (`-n`).
+    pub namespace: String,
     pub layout: Layout,
     /// The gate's and the operator's images, by digest.
     pub images: Vec<PinnedImage>,
@@ -312,6 +398,7 @@ pub fn objects(install: &Install) -> Result<Vec<Value>> {
         .map_or(0, |i| i + 1);
     objects.insert(at, tls_secret_object(&install.serving));
     objects.insert(at, master_secret_object(&install.master));
+    let mut objects = in_namespace(objects, &install.namespace);
     objects.push(serde_json::to_value(&install.policy)?);
     objects.push(serde_json::to_value(&install.pool)?);
     if !objects
@@ -422,6 +509,49 @@ mod tests {
         ] {
             assert!(images_with(&[bad]).is_err());
         }
+    }
+
+    #[test]
+    fn another_namespace_moves_only_what_lives_in_the_gates() {
+        let objects = in_namespace(manifest_objects().expect("manifests"), "conf");
+        assert!(find(&objects, "Namespace", "conf").is_some());
+        let text = serde_json::to_string(&objects).expect("json");
+        // Only the default of a flag and the CRDs' descriptions may still
+        // name the default namespace.
+        for object in &objects {
+            if kind(object) == "CustomResourceDefinition" {
+                continue;
+            }
+            let s = object.to_string();
+            assert!(!s.contains("\"confidential-system\""), "{s}");
+        }
+        assert!(text.contains("kube-system"), "kube-system objects stay");
+        let role = objects
+            .iter()
+            .find(|o| name(o) == "confidential-webhook-bootstrap-tokens" && kind(o) == "Role")
+            .expect("role");
+        assert_eq!(role["metadata"]["namespace"], "kube-system");
+        let gate = find(&objects, "Deployment", GATE).expect("gate");
+        assert!(
+            gate.to_string()
+                .contains("--exempt-namespaces=kube-system,kube-node-lease,kube-public,conf")
+        );
+        let operator = find(&objects, "Deployment", "confidential-controllers").expect("op");
+        assert!(operator.to_string().contains("--leader-namespace=conf"));
+        let config = find(
+            &objects,
+            "ValidatingWebhookConfiguration",
+            WEBHOOK_CONFIGURATION,
+        )
+        .expect("webhooks");
+        assert_eq!(
+            config["webhooks"][0]["clientConfig"]["service"]["namespace"],
+            "conf"
+        );
+        assert_eq!(
+            in_namespace(manifest_objects().expect("m"), NAMESPACE),
+            manifest_objects().expect("m")
+        );
     }
 
     #[test]

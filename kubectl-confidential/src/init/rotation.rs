@@ -20,8 +20,6 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
 
-use super::objects::NAMESPACE;
-
 /// The temporary webhook configuration and its one webhook.
 pub const PROBE_CONFIGURATION: &str = "kubectl-confidential-rotation-probe";
 const PROBE_WEBHOOK: &str = "rotation-probe.confidential.dev";
@@ -31,7 +29,7 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// The temporary configuration (pure): the gate's `client_config` (service
 /// or URL) with a caBundle of `ca_pem` only.
-pub fn probe_configuration(client_config: &Value, ca_pem: &str) -> Value {
+pub fn probe_configuration(client_config: &Value, ca_pem: &str, namespace: &str) -> Value {
     let mut client_config = client_config.clone();
     client_config["caBundle"] =
         json!(base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes()));
@@ -49,7 +47,7 @@ pub fn probe_configuration(client_config: &Value, ca_pem: &str) -> Value {
             "failurePolicy": "Fail",
             "timeoutSeconds": 5,
             "clientConfig": client_config,
-            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": NAMESPACE } },
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": namespace } },
             "objectSelector": { "matchLabels": { PROBE_LABEL: "true" } },
             "rules": [{
                 "apiGroups": [""],
@@ -76,13 +74,14 @@ pub fn answered_with_new_ca(result: &Result<ConfigMap, kube::Error>) -> bool {
 /// Waits until the API server reaches the gate trusting `ca_pem` alone.
 pub async fn new_certificate_live(
     client: &Client,
+    namespace: &str,
     client_config: &Value,
     ca_pem: &str,
     timeout: Duration,
 ) -> Result<()> {
     let configurations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let probe: ValidatingWebhookConfiguration =
-        serde_json::from_value(probe_configuration(client_config, ca_pem))?;
+        serde_json::from_value(probe_configuration(client_config, ca_pem, namespace))?;
     configurations
         .patch(
             PROBE_CONFIGURATION,
@@ -91,7 +90,7 @@ pub async fn new_certificate_live(
         )
         .await
         .context("registering the temporary rotation probe webhook")?;
-    let result = poll(client, timeout).await;
+    let result = poll(client, namespace, timeout).await;
     let removed = configurations
         .delete(PROBE_CONFIGURATION, &DeleteParams::default())
         .await
@@ -100,8 +99,8 @@ pub async fn new_certificate_live(
     removed.map(drop)
 }
 
-async fn poll(client: &Client, timeout: Duration) -> Result<()> {
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
+async fn poll(client: &Client, namespace: &str, timeout: Duration) -> Result<()> {
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let probe: ConfigMap = serde_json::from_value(json!({
         "metadata": {
             "name": "kubectl-confidential-rotation-probe",
@@ -150,6 +149,7 @@ mod tests {
         let config = probe_configuration(
             &json!({"url": "https://127.0.0.1:8443/validate", "caBundle": "b2xk"}),
             "NEW CA",
+            "confidential-system",
         );
         let webhook = &config["webhooks"][0];
         assert_eq!(

@@ -96,14 +96,12 @@ pub fn master_secret_from_secret(secret: &Value) -> Result<MasterSecretFile> {
     let text = secret
         .pointer(&format!("/data/{MASTER_SECRET_KEY}"))
         .and_then(Value::as_str)
-        .with_context(|| {
-            format!("Secret {NAMESPACE}/{MASTER_SECRET_NAME} has no key {MASTER_SECRET_KEY}")
-        })?;
+        .with_context(|| format!("Secret {MASTER_SECRET_NAME} has no key {MASTER_SECRET_KEY}"))?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
         .context("the master-secret Secret is not base64")?;
     MasterSecretFile::parse(&bytes).with_context(|| {
-        format!("Secret {NAMESPACE}/{MASTER_SECRET_NAME} does not hold a usable master secret")
+        format!("Secret {MASTER_SECRET_NAME} does not hold a usable master secret")
     })
 }
 

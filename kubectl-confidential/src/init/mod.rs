@@ -415,6 +415,11 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
             .unwrap_or("<not known yet: the load balancer has no address>"),
         identity.gate_pin
     );
+    if matches!(placement, GatePlacement::InCluster) {
+        for image in &inputs.images {
+            eprintln!("installed image {}@{}", image.name, image.digest);
+        }
+    }
     eprintln!(
         "wrote {} (cluster ID, gate endpoint and pin, image digests): `verify` reads it",
         args.cluster_file.display()

@@ -8,6 +8,7 @@
 
 mod completion;
 mod connection;
+mod init;
 mod measurements;
 mod output;
 mod preflight;
@@ -40,8 +41,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Initialise a cluster: generate the master secret, install CRDs and components.
-    Init,
+    /// Initialise a cluster: generate the master secret, install CRDs, the
+    /// gate, the operator, the policy and the node pool.
+    Init(Box<init::Args>),
     /// Verify nodes by remote attestation over aTLS against local trusted measurements.
     Verify(verify::VerifyArgs),
     /// Roll a node pool to a new node image or Kubernetes version.
@@ -70,8 +72,10 @@ async fn main() -> Result<()> {
         return completion::run_complete(&args[2..]);
     }
     let cli = Cli::parse();
-    // Quiet unless RUST_LOG asks: the plugin's output is for people.
-    confidential_startup::init("error", confidential_startup::LogFormat::Text);
+    // kube's client logs every failed request at ERROR; the plugin reports
+    // each failure itself, with what to do next, so those stay off unless
+    // RUST_LOG asks for them.
+    confidential_startup::init("warn,kube_client=off", confidential_startup::LogFormat::Text);
     match &cli.command {
         Command::Measurements(command) => measurements::run(&cli.connection, command).await,
         Command::Status(args) => status::run(&cli.connection.client().await?, args).await,
@@ -79,6 +83,7 @@ async fn main() -> Result<()> {
         Command::Verify(args) => verify::run(&cli.connection, args).await,
         Command::Version(args) => version::run(&cli.connection, &cli.namespace, args).await,
         Command::Completion(args) => completion::run(args),
+        Command::Init(args) => init::run(&cli.connection, &cli.namespace, args).await,
         other => bail!(
             "`kubectl confidential {}` is not available in this version yet; see `kubectl confidential --help`",
             format!("{other:?}").to_lowercase()

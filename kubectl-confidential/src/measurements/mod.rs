@@ -9,7 +9,7 @@
 //! bytes interchangeably.
 
 mod fetch;
-mod policy;
+pub mod policy;
 mod publish;
 
 use std::path::{Path, PathBuf};

@@ -29,6 +29,9 @@ pub struct ClusterFile {
     pub gate_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_pin: Option<String>,
+    /// The images `init` installed: repository -> digest.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<String, String>,
 }
 
 /// Parses 32 bytes of hex (a cluster ID, a pin).

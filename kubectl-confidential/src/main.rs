@@ -11,6 +11,7 @@ mod connection;
 mod measurements;
 mod output;
 mod preflight;
+mod recover;
 mod status;
 mod upgrade;
 mod verify;
@@ -48,8 +49,9 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
     /// Show node pools, attestations and pending machines.
     Status(status::StatusArgs),
-    /// Recover a cluster whose control-plane nodes all rebooted.
-    Recover,
+    /// Recover a node that cannot reach its gate: verify it over aTLS
+    /// against local trusted measurements, then send it its keys.
+    Recover(recover::RecoverArgs),
     /// Compute, sign, verify, fetch and add node-image measurement files.
     #[command(subcommand)]
     Measurements(measurements::MeasurementsCommand),
@@ -84,6 +86,7 @@ async fn main() -> Result<()> {
         Command::Status(args) => status::run(&cli.connection.client().await?, args).await,
         Command::Upgrade(args) => upgrade::run(&cli.connection.client().await?.client, args).await,
         Command::Verify(args) => verify::run(&cli.connection, args).await,
+        Command::Recover(args) => recover::run(args).await,
         Command::Version(args) => version::run(&cli.connection, &cli.namespace, args).await,
         Command::Completion(args) => completion::run(args),
         other => bail!(

@@ -373,9 +373,10 @@ pub struct Written {
     pub tag: String,
     /// `repository@digest`: what a Pod spec references.
     pub reference: String,
-    /// The OCI archive (`ctr image import`, `skopeo copy oci-archive:`).
+    /// The OCI archive (`ctr image import`, `skopeo copy oci-archive:`),
+    /// relative to the directory of `images.json`.
     pub archive: String,
-    /// The OCI layout directory.
+    /// The OCI layout directory, relative to the directory of `images.json`.
     pub layout: String,
 }
 
@@ -419,8 +420,8 @@ pub fn build(targets: &[Target], meta: &ImageMeta, out: &Path) -> Result<ImagesF
             digest: image.manifest.digest.clone(),
             tag: meta.tag(),
             reference: format!("{}@{}", meta.repository(), image.manifest.digest),
-            archive: archive.display().to_string(),
-            layout: layout.display().to_string(),
+            archive: format!("{}.oci.tar", target.name),
+            layout: target.name.clone(),
         });
     }
     let file = ImagesFile {

@@ -33,7 +33,7 @@ pub fn judge_offer(
     nonce: [u8; 32],
     trust: &Trust,
     expected_node: Option<&str>,
-) -> Result<(NodeReport, VerifiedQuote), NodeReport> {
+) -> Result<(NodeReport, VerifiedQuote), Box<NodeReport>> {
     let node = expected_node.unwrap_or(&offer.attestation.node_name);
     let (mut report, quote) = check_evidence(
         node,
@@ -50,7 +50,7 @@ pub fn judge_offer(
     report.conclude();
     match quote {
         Some(quote) if report.problems.is_empty() => Ok((report, quote)),
-        _ => Err(report),
+        _ => Err(Box::new(report)),
     }
 }
 

@@ -176,7 +176,7 @@ async fn post_json<T: serde::de::DeserializeOwned>(
     let (status, answer) = client
         .post_limited(path, body, 1 << 20)
         .await
-        .with_context(|| format!("{path}"))?;
+        .with_context(|| format!("POST {path} to the node"))?;
     if !status.is_success() {
         return Err(node_error(path, status, &answer));
     }
@@ -223,7 +223,7 @@ async fn exchange(
         Ok(ok) => ok,
         Err(refused) => {
             let problems = refused.problems.join("; ");
-            report.verification = Some(refused);
+            report.verification = Some(*refused);
             bail!("the node is not trusted: {problems}; nothing was sent to it");
         }
     };

@@ -118,7 +118,9 @@ async fn start_recovering(
             listen,
         ],
     )?);
+    // NO_COLOR: the log is read as plain text below.
     cmd.env("PATH", cryptsetup.path_env())
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -413,11 +415,30 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     );
     assert_no_key_material(&seen, &gate_key);
 
+    // Keys pushed on a connection where the node did not attest and
+    // activate are refused by the node itself, and unlock nothing.
+    let mut direct = AtlsClient::connect(&listen, atls::client_config(None)?).await?;
+    let forged = serde_json::to_vec(&RecoveryKeys {
+        disk_key: vec![1; 32],
+        measurement_secret: vec![2; 32],
+        cluster_id: hex::encode(env.master.cluster_id()),
+    })?;
+    let (status, body) = direct.post(PATH_RECOVER_KEYS, forged).await?;
+    assert_eq!(status, hyper::StatusCode::CONFLICT, "{}", text(&body));
+    assert!(text(&body).contains("first"), "{}", text(&body));
+    drop(direct);
+
     // So far the node got nothing: no challenge, no keys, no unlock.
     let log = recovering.log();
     assert!(
-        !log.contains("path=/v1/recover/activate") && !log.contains("path=/v1/recover/keys"),
-        "{log}"
+        log.contains("path=/v1/recover body_bytes=0"),
+        "the node logs each request: {log}"
+    );
+    assert!(!log.contains("path=/v1/recover/activate"), "{log}");
+    assert_eq!(
+        log.matches("path=/v1/recover/keys").count(),
+        1,
+        "only the forged keys above: {log}"
     );
     assert_eq!(
         second.calls()?.len(),

@@ -387,12 +387,20 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     std::fs::write(env.path("wrong.json.sig"), wrong.sign(&env.publisher))?;
     let mut wrong_args = good.clone();
     wrong_args[5] = env.path("wrong.json").display().to_string();
+    wrong_args.extend(["-o".to_owned(), "yaml".to_owned()]);
     let out = recover(wrong_args).await?;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("PCR 4 is"),
         "{}",
         text(&out.stderr)
+    );
+    let yaml = text(&out.stdout);
+    assert!(
+        yaml.contains("recovered: false")
+            && yaml.contains("keysSent: false")
+            && yaml.contains("verdict: Untrusted"),
+        "{yaml}"
     );
 
     // A relay terminating TLS: the quote is bound to the relay's connection.

@@ -12,12 +12,13 @@ mod init;
 mod measurements;
 mod output;
 mod preflight;
+mod recover;
 mod status;
 mod upgrade;
 mod verify;
 mod version;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// Manage confidential Kubernetes clusters.
@@ -50,8 +51,9 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
     /// Show node pools, attestations and pending machines.
     Status(status::StatusArgs),
-    /// Recover a cluster whose control-plane nodes all rebooted.
-    Recover,
+    /// Recover a node that cannot reach its gate: verify it over aTLS
+    /// against local trusted measurements, then send it its keys.
+    Recover(recover::RecoverArgs),
     /// Compute, sign, verify, fetch and add node-image measurement files.
     #[command(subcommand)]
     Measurements(measurements::MeasurementsCommand),
@@ -81,12 +83,9 @@ async fn main() -> Result<()> {
         Command::Status(args) => status::run(&cli.connection.client().await?, args).await,
         Command::Upgrade(args) => upgrade::run(&cli.connection.client().await?.client, args).await,
         Command::Verify(args) => verify::run(&cli.connection, args).await,
+        Command::Recover(args) => recover::run(args).await,
         Command::Version(args) => version::run(&cli.connection, &cli.namespace, args).await,
         Command::Completion(args) => completion::run(args),
         Command::Init(args) => init::run(&cli.connection, &cli.namespace, args).await,
-        other => bail!(
-            "`kubectl confidential {}` is not available in this version yet; see `kubectl confidential --help`",
-            format!("{other:?}").to_lowercase()
-        ),
     }
 }

@@ -170,6 +170,20 @@ impl Swtpm {
         run(cmd, "tpm2_pcrextend")
     }
 
+    /// Power-cycles the TPM, as a machine reboot does: `swtpm_ioctl -i`
+    /// (re-initialise, keeping the persistent state: EK, seeds) then
+    /// `TPM2_Startup(CLEAR)`, so every PCR is back to zero.
+    pub fn reboot(&self) -> Result<()> {
+        let mut init = Command::new("swtpm_ioctl");
+        init.arg("--tcp")
+            .arg(format!("127.0.0.1:{}", self.port + 1))
+            .arg("-i");
+        run(init, "swtpm_ioctl -i")?;
+        let mut startup = Command::new("tpm2_startup");
+        startup.env("TPM2TOOLS_TCTI", self.tcti()).arg("-c");
+        run(startup, "tpm2_startup -c")
+    }
+
     /// The "firmware": extends each component digest into `pcr`, in order.
     pub fn measure_boot(&self, pcr: u32, components: &[[u8; 32]]) -> Result<()> {
         for digest in components {

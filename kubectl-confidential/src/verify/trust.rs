@@ -130,6 +130,26 @@ pub fn read_signed_file(
     })
 }
 
+/// Reads the publisher key and every measurement file signed by it (each
+/// file's signature from `FILE.sig`, or `signature` for a single file).
+pub fn read_signed_files(
+    paths: &[PathBuf],
+    signature: Option<&str>,
+    publisher_key: &Path,
+) -> Result<Vec<TrustedFile>> {
+    if signature.is_some() && paths.len() > 1 {
+        bail!(
+            "--signature applies to one --measurements file; put each file's signature in FILE.sig"
+        );
+    }
+    let key_pem = std::fs::read_to_string(publisher_key)
+        .with_context(|| format!("reading the publisher key {}", publisher_key.display()))?;
+    paths
+        .iter()
+        .map(|path| read_signed_file(path, signature, &key_pem, publisher_key))
+        .collect()
+}
+
 /// Reads the PEM EK CA certificates.
 pub fn read_ek_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
     let mut cas = Vec::new();

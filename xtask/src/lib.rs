@@ -1,3 +1,4 @@
 //! Workspace tasks as a library, so tests can run them too.
 
 pub mod krew;
+pub mod node_image;

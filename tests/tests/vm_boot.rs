@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use confidential_attestation::measurements::MeasurementFile;
 use confidential_attestation::predict::{PREDICTED_PCRS, eventlog, pe::PeImage, predict_uki_boot};
 use confidential_testenv::swtpm::SwtpmCa;
 use confidential_testenv::vm::{Accel, BootReport, Vm};
@@ -67,6 +68,58 @@ fn one_byte_changed_in_the_initramfs_changes_the_predicted_pcrs_4_9_and_11() -> 
     // PCR 4: the firmware's Authenticode hash of the UKI; PCR 9: the kernel's
     // measurement of the initrd; PCR 11: the stub's measurement of .initrd.
     assert_eq!(differing, [4, 9, 11]);
+    Ok(())
+}
+
+#[test]
+fn measurements_compute_uki_writes_the_prediction_and_says_why_pcrs_0_and_1_are_left_out()
+-> Result<()> {
+    let out = tempfile::tempdir()?;
+    let uki_path = build_image("v1", out.path())?;
+    let plugin = workspace_binary(
+        "kubectl-confidential",
+        "kubectl-confidential",
+        "KUBECTL_CONFIDENTIAL_BIN",
+    )?;
+    let output = std::process::Command::new(plugin)
+        .args(["measurements", "compute", "--image", "node:v1", "--uki"])
+        .arg(&uki_path)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let file = MeasurementFile::from_canonical_json(&output.stdout)?;
+    assert_eq!(file.image, "node:v1");
+    let predicted = predict_uki_boot(&std::fs::read(&uki_path)?)?.pcr_values();
+    let written: BTreeMap<u8, [u8; 32]> = file
+        .measurements
+        .iter()
+        .map(|(pcr, e)| {
+            assert!(!e.warn_only, "PCR {pcr} is predicted, so enforced");
+            (pcr, e.expected)
+        })
+        .collect();
+    assert_eq!(written, predicted);
+    assert!(stderr.contains("PCR 0 is not in the file"), "{stderr}");
+    assert!(stderr.contains("PCR 1 is not in the file"), "{stderr}");
+
+    // A file that is not a UKI is refused with the reason, and prints no file.
+    let not_uki = out.path().join("not-a-uki.efi");
+    std::fs::write(&not_uki, b"MZ but nothing else")?;
+    let output = std::process::Command::new(workspace_binary(
+        "kubectl-confidential",
+        "kubectl-confidential",
+        "KUBECTL_CONFIDENTIAL_BIN",
+    )?)
+    .args(["measurements", "compute", "--image", "node:v1", "--uki"])
+    .arg(&not_uki)
+    .output()?;
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not a PE image"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 

@@ -312,3 +312,47 @@ impl BootReport {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(pcrs: u8, log_end: bool) -> String {
+        let mut text =
+            String::from("BdsDxe: starting\r\nnode-image: init running version=v1 uptime=3.84\n");
+        text.push_str("node-image: BEGIN PCRS\n");
+        for i in 0..pcrs {
+            text.push_str(&format!("node-image: pcr sha256 {i} {}\n", "AB".repeat(32)));
+        }
+        text.push_str("node-image: END PCRS\nnode-image: BEGIN EVENTLOG\n");
+        text.push_str("node-image: eventlog AAEC\nnode-image: eventlog Aw==\n");
+        if log_end {
+            text.push_str("node-image: END EVENTLOG\n");
+        }
+        text
+    }
+
+    #[test]
+    fn boot_report_reads_what_init_printed() {
+        let report = BootReport::parse(&console(24, true)).expect("complete console");
+        assert_eq!(report.version, "v1");
+        assert_eq!(report.kernel_seconds, 3.84);
+        assert_eq!(report.pcrs.len(), 24);
+        assert_eq!(report.pcrs[&23], [0xab; 32]);
+        assert_eq!(report.event_log, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn boot_report_refuses_an_incomplete_console() {
+        assert!(
+            BootReport::parse(&console(23, true)).is_err(),
+            "a PCR missing"
+        );
+        assert!(
+            BootReport::parse(&console(24, false)).is_err(),
+            "event log cut off"
+        );
+        let bad = console(24, true).replace(&"AB".repeat(32), "not hex");
+        assert!(BootReport::parse(&bad).is_err(), "PCR not hex");
+    }
+}

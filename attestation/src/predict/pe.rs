@@ -16,7 +16,15 @@ pub enum PeError {
     Malformed(&'static str),
     #[error("PE section {0:?} is not in the image")]
     MissingSection(String),
+    #[error(
+        "PE section {0:?} claims {1} bytes in memory; more than {MAX_SECTION_BYTES} is refused"
+    )]
+    SectionTooLarge(String, u32),
 }
+
+/// Largest in-memory section size accepted (a UKI's initrd is far smaller);
+/// keeps a hostile header from making us allocate gigabytes of zeros.
+pub const MAX_SECTION_BYTES: u32 = 1 << 30;
 
 /// One section header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +168,9 @@ impl<'a> PeImage<'a> {
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| PeError::MissingSection(name.to_owned()))?;
+        if s.virtual_size > MAX_SECTION_BYTES {
+            return Err(PeError::SectionTooLarge(s.name.clone(), s.virtual_size));
+        }
         let size = s.virtual_size as usize;
         let raw = s.raw_size.min(s.virtual_size) as usize;
         let start = s.raw_offset as usize;
@@ -258,5 +269,14 @@ mod tests {
         let mut bad = image.clone();
         bad[0x3c..0x40].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
         assert!(PeImage::parse(&bad).is_err(), "PE offset past the end");
+        // A section claiming 4 GiB in memory is refused, not allocated.
+        let mut huge = image.clone();
+        let sec = 0x84 + 20 + 240;
+        huge[sec + 8..sec + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let pe = PeImage::parse(&huge).expect("headers are fine");
+        assert_eq!(
+            pe.section_in_memory(".text"),
+            Err(PeError::SectionTooLarge(".text".into(), u32::MAX))
+        );
     }
 }

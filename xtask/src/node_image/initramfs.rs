@@ -107,6 +107,24 @@ pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
+/// Whether an ELF file has a program interpreter (is dynamically linked):
+/// static binaries (busybox, Go binaries) need no libraries.
+fn is_dynamic(path: &Path) -> Result<bool> {
+    let out = Command::new("readelf")
+        .arg("--program-headers")
+        .arg(path)
+        .output()
+        .with_context(|| format!("running readelf on {}", path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} is not an ELF file: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).contains("INTERP"))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -170,7 +188,9 @@ pub fn archive(version: &str, inputs: &NodeOsInputs) -> Result<Archive> {
                 contents: read(host)?,
             },
         )?;
-        libraries.extend(ldd_libraries(host).unwrap_or_default());
+        if is_dynamic(host)? {
+            libraries.extend(ldd_libraries(host)?);
+        }
     }
     libraries.sort();
     libraries.dedup();

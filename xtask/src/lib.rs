@@ -2,3 +2,4 @@
 
 pub mod images;
 pub mod krew;
+pub mod node_image;

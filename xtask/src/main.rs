@@ -5,6 +5,8 @@
 //! - `cargo xtask images [--out DIR] [--profile release|dev] [--no-build]` builds
 //!   the gate's and the operator's binaries and writes their OCI images
 //!   (layouts, archives, `images.json` with the digests; default `dist/`).
+//! - `cargo xtask node-image --version v1 [--out DIR] [--bootstrapper PATH]`
+//!   builds the node image UKI (default `target/node-image/`).
 
 use std::path::PathBuf;
 
@@ -110,14 +112,45 @@ fn images(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn node_image(args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    let mut version = None;
+    let mut out = root.join("target/node-image");
+    let mut bootstrapper = root.join("target/debug/confidential-bootstrapper");
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--version" => version = Some(value.parse::<xtask::node_image::ImageVersion>()?),
+            "--out" => out = PathBuf::from(value),
+            "--bootstrapper" => bootstrapper = PathBuf::from(value),
+            other => bail!("unknown flag {other}; see `cargo xtask help`"),
+        }
+    }
+    let version = version.context("--version is required (e.g. v1)")?;
+    if !bootstrapper.exists() {
+        bail!(
+            "{} is missing: run `cargo build -p confidential-bootstrapper` or pass --bootstrapper",
+            bootstrapper.display()
+        );
+    }
+    let inputs = xtask::node_image::NodeImageInputs::system(bootstrapper)?;
+    let uki = xtask::node_image::build(&version, &inputs, &out)?;
+    println!("wrote {}", uki.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("gen-crds") => gen_crds(),
         Some("krew") => krew(&args[1..]),
         Some("images") => images(&args[1..]),
+        Some("node-image") => node_image(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR] | cargo xtask images [--out DIR] [--profile release|dev] [--no-build]"
+            "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR] \
+             | cargo xtask images [--out DIR] [--profile release|dev] [--no-build] \
+             | cargo xtask node-image --version vN [--out DIR] [--bootstrapper PATH]"
         ),
     }
 }

@@ -55,11 +55,10 @@ impl MasterSecretFile {
         Self::parse(&bytes).with_context(|| format!("{} is not usable", path.display()))
     }
 
+    /// The key-derivation root, through the one parser the gate and
+    /// `recover` use for this file format.
     pub fn master(&self) -> Result<MasterSecret> {
-        Ok(MasterSecret::new(
-            hex::decode(&self.secret).context("secret is not hex")?,
-            hex::decode(&self.salt).context("salt is not hex")?,
-        )?)
+        Ok(MasterSecret::from_file_json(self.to_json().as_bytes())?)
     }
 
     pub fn to_json(&self) -> String {

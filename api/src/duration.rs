@@ -35,6 +35,14 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(total).ok()
 }
 
+/// [`parse_duration`] as a command-line value parser (clap's
+/// `value_parser = confidential_api::duration::parse_flag`): the error says
+/// what a duration looks like.
+pub fn parse_flag(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration like 500ms, 30s, 5m or 1h30m"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,6 +54,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         for bad in ["", "10", "5d", "h", "1.2.3s", "-1s"] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
+            assert!(parse_flag(bad).unwrap_err().contains("is not a duration"));
         }
     }
 }

@@ -303,7 +303,7 @@ pub struct NodeAttestationSpec {
     pub expires_at: Time,
     /// The node is attested, and its own credentials may act, only while
     /// the verdict is `Trusted` and `expiresAt` lies in the future. Any other
-    /// verdict (`Untrusted`, `Revoked`) means "not valid": the admission rule
+    /// verdict (`Revoked`) means "not valid": the admission rule
     /// refuses the node's kubelet, the operator taints it `NoExecute`,
     /// cordons, drains and replaces it.
     pub verdict: Verdict,
@@ -315,10 +315,9 @@ pub struct NodeAttestationSpec {
 /// The outcome of an attestation. Only `Trusted` is valid.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Verdict {
-    /// Evidence verified; valid until `expiresAt`.
+    /// Evidence verified; valid until `expiresAt`. (Refused evidence is
+    /// not recorded: the machine gets no NodeAttestation at all.)
     Trusted,
-    /// Evidence was refused.
-    Untrusted,
     /// The node failed re-attestation, or could not be reached, for longer
     /// than the gate's grace period (`status.revokedAt`, the `Revoked`
     /// condition says why). Final: only a new attested join replaces it.

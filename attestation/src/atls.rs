@@ -45,6 +45,9 @@ pub const NONCE_LABEL: &[u8] = b"confidential.dev/atls/v1";
 pub const PURPOSE_JOIN: &[u8] = b"join";
 /// Purpose: a node's evidence served on `/v1/attest`.
 pub const PURPOSE_NODE_ATTEST: &[u8] = b"node-attest";
+/// Purpose: a rebooted node's evidence on its recovery endpoint, to the
+/// admin running `kubectl confidential recover`.
+pub const PURPOSE_NODE_RECOVER: &[u8] = b"node-recover";
 /// Purpose: the gate's evidence to an admin (`verify`, `recover`).
 pub const PURPOSE_CLUSTER_ATTEST: &[u8] = b"cluster-attest";
 
@@ -294,13 +297,60 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_until(
+        listener,
+        config,
+        make,
+        std::future::pending(),
+        std::time::Duration::ZERO,
+    )
+    .await
+}
+
+/// [`serve`] until `shutdown` completes: then no connection is accepted any
+/// more, and the connections in flight get up to `grace` to finish (so the
+/// answer that triggered the shutdown still reaches its caller).
+pub async fn serve_until<F, S, B>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    make: F,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: std::time::Duration,
+) -> Result<(), AtlsError>
+where
+    F: Fn(AtlsPeer) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let acceptor = TlsAcceptor::from(config);
     let make = Arc::new(make);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (tcp, remote) = listener.accept().await?;
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => {
+                drop(listener);
+                if tokio::time::timeout(grace, async {
+                    while connections.join_next().await.is_some() {}
+                })
+                .await
+                .is_err()
+                {
+                    tracing::debug!(open = connections.len(), "aTLS connections still open after the grace period");
+                }
+                return Ok(());
+            }
+        };
         let acceptor = acceptor.clone();
         let make = make.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(tls) => tls,
                 Err(e) => {
@@ -352,7 +402,11 @@ impl AtlsClient {
             .await
             .map_err(|e| AtlsError::Http(e.to_string()))?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            // The request's own future reports a failed exchange; this only
+            // ends with the connection.
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "aTLS client connection ended with an error");
+            }
         });
         Ok(Self {
             sender,
@@ -484,6 +538,49 @@ mod tests {
         // A second request on the same connection sees the same channel.
         let (_, again) = a.post("/", vec![]).await.expect("post");
         assert_eq!(again, server_a);
+    }
+
+    #[tokio::test]
+    async fn serve_until_answers_the_request_that_stops_it_then_accepts_no_more() {
+        provider();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stop = Arc::new(std::sync::Mutex::new(Some(stop)));
+        let server = tokio::spawn(serve_until(
+            listener,
+            server_config().expect("config"),
+            move |_peer: AtlsPeer| {
+                let stop = stop.clone();
+                service_fn(move |_req| {
+                    if let Some(stop) = stop.lock().ok().and_then(|mut s| s.take()) {
+                        stop.send(()).ok();
+                    }
+                    async { Ok(Response::new(Full::new(Bytes::from_static(b"last")))) }
+                })
+            },
+            async {
+                stopped.await.ok();
+            },
+            std::time::Duration::from_secs(5),
+        ));
+        let mut client = AtlsClient::connect(&addr, client_config(None).expect("cfg"))
+            .await
+            .expect("connect");
+        let (_, body) = client.post("/", vec![]).await.expect("answered");
+        assert_eq!(&body[..], b"last", "the stopping request gets its answer");
+        drop(client);
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the server stops once its connections closed")
+            .expect("task")
+            .expect("clean stop");
+        assert!(
+            AtlsClient::connect(&addr, client_config(None).expect("cfg"))
+                .await
+                .is_err(),
+            "no connection is accepted after the stop"
+        );
     }
 
     #[tokio::test]

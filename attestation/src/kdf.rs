@@ -19,6 +19,29 @@ pub enum KdfError {
     TooLong(usize),
 }
 
+/// Why a master secret file was refused.
+#[derive(Debug, Error)]
+pub enum MasterFileError {
+    #[error("not a master secret file ({{\"secret\": \"<hex>\", \"salt\": \"<hex>\"}}): {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{field} is not hex: {source}")]
+    Hex {
+        field: &'static str,
+        #[source]
+        source: hex::FromHexError,
+    },
+    #[error(transparent)]
+    Kdf(#[from] KdfError),
+}
+
+/// The master secret file `init` writes and the gate reads:
+/// `{"secret": "<hex>", "salt": "<hex>"}` (other fields are ignored).
+#[derive(serde::Deserialize)]
+struct MasterFile {
+    secret: String,
+    salt: String,
+}
+
 /// The cluster's master secret and salt.
 #[derive(Clone)]
 pub struct MasterSecret {
@@ -40,6 +63,18 @@ impl MasterSecret {
         Ok(Self { secret, salt })
     }
 
+    /// Parses the JSON of a master secret file (`{"secret": hex, "salt": hex}`).
+    pub fn from_file_json(text: &[u8]) -> Result<Self, MasterFileError> {
+        let file: MasterFile = serde_json::from_slice(text)?;
+        let decode = |field: &'static str, value: &str| {
+            hex::decode(value.trim()).map_err(|source| MasterFileError::Hex { field, source })
+        };
+        Ok(Self::new(
+            decode("secret", &file.secret)?,
+            decode("salt", &file.salt)?,
+        )?)
+    }
+
     /// Derives `len` bytes for `key-<id>`.
     pub fn derive(&self, id: &str, len: usize) -> Result<Vec<u8>, KdfError> {
         let hk = Hkdf::<Sha256>::new(Some(&self.salt), &self.secret);
@@ -52,14 +87,23 @@ impl MasterSecret {
     fn derive32(&self, id: &str) -> [u8; 32] {
         let hk = Hkdf::<Sha256>::new(Some(&self.salt), &self.secret);
         let mut out = [0u8; 32];
-        // 32 bytes is always within HKDF-SHA256's 8160-byte limit.
-        let _ = hk.expand(format!("key-{id}").as_bytes(), &mut out);
+        hk.expand(format!("key-{id}").as_bytes(), &mut out)
+            .expect("32 bytes is within HKDF-SHA256's 8160-byte output limit");
         out
     }
 
     /// Key of the state disk with this UUID (`key-disk-<uuid>`).
     pub fn disk_key(&self, disk_uuid: &str) -> [u8; 32] {
         self.derive32(&format!("disk-{}", disk_uuid.to_ascii_lowercase()))
+    }
+
+    /// Key of state disk `disk_uuid` of the machine attesting as `identity`
+    /// (its AK fingerprint or SNP identity): `key-disk-<identity>/<uuid>`.
+    /// The gate hands it at join and `kubectl confidential recover` at
+    /// recovery; both call this one derivation. A machine naming another
+    /// machine's disk gets another key.
+    pub fn node_disk_key(&self, identity: &str, disk_uuid: &str) -> [u8; 32] {
+        self.disk_key(&format!("{identity}/{disk_uuid}"))
     }
 
     /// The measurement secret handed to joined nodes.
@@ -116,6 +160,34 @@ mod tests {
         let other = MasterSecret::new(vec![7; 32], b"pepper".to_vec()).expect("ok");
         assert_ne!(m.cluster_id(), other.cluster_id());
         assert_eq!(m.derive("cluster-id", 32).expect("ok"), m.cluster_id());
+    }
+
+    #[test]
+    fn master_file_parses_and_says_what_is_wrong() {
+        let text = format!(
+            r#"{{"secret": "{}", "salt": "{}"}}"#,
+            "07".repeat(32),
+            hex::encode(b"salt")
+        );
+        let parsed = MasterSecret::from_file_json(text.as_bytes()).expect("valid");
+        assert_eq!(parsed.cluster_id(), master().cluster_id());
+        for (text, says) in [
+            ("not json", "not a master secret file"),
+            (r#"{"secret": "zz", "salt": "00"}"#, "secret is not hex"),
+            (r#"{"secret": "00", "salt": "0"}"#, "salt is not hex"),
+            (r#"{"secret": "00", "salt": "00"}"#, "at least 32"),
+        ] {
+            let err = MasterSecret::from_file_json(text.as_bytes()).expect_err(text);
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn node_disk_key_binds_identity_and_disk() {
+        let m = master();
+        assert_eq!(m.node_disk_key("ab", "D-1"), m.disk_key("ab/d-1"));
+        assert_ne!(m.node_disk_key("ab", "d-1"), m.node_disk_key("cd", "d-1"));
+        assert_ne!(m.node_disk_key("ab", "d-1"), m.node_disk_key("ab", "d-2"));
     }
 
     #[test]

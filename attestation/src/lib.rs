@@ -10,6 +10,7 @@ pub mod atls;
 pub mod evidence;
 pub mod kdf;
 pub mod measurements;
+pub mod predict;
 pub mod protocol;
 pub mod snp;
 pub mod tpm;

@@ -94,3 +94,58 @@ pub struct AttestResponse {
     pub node_name: String,
     pub evidence: EvidenceEnvelope,
 }
+
+/// Recovery (`kubectl confidential recover`): a rebooted node that cannot
+/// reach the gate serves these on its own aTLS listener. The admin's tool
+/// asks [`PATH_RECOVER`] first (no body) and gets a [`RecoveryOffer`]: the
+/// node's evidence bound to that connection (purpose
+/// [`crate::atls::PURPOSE_NODE_RECOVER`]). Only when the tool judged it
+/// against local trusted input does it send a credential challenge
+/// ([`JoinChallenge`] to [`PATH_RECOVER_ACTIVATE`], answered with an
+/// [`ActivateRequest`]), and only when the AK proved to live in the
+/// certified TPM does it send [`RecoveryKeys`] to [`PATH_RECOVER_KEYS`].
+pub const PATH_RECOVER: &str = "/v1/recover";
+pub const PATH_RECOVER_ACTIVATE: &str = "/v1/recover/activate";
+pub const PATH_RECOVER_KEYS: &str = "/v1/recover/keys";
+
+/// The node's first answer on a recovery connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryOffer {
+    /// The node's name and its evidence, as `/v1/attest` answers.
+    #[serde(flatten)]
+    pub attestation: AttestResponse,
+    /// UUID of the state disk to unlock; its key is derived from it and the
+    /// attesting key's identity.
+    pub disk_uuid: String,
+}
+
+/// What the admin's tool sends once the node is verified and activated:
+/// what the gate would have handed it on rejoin.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryKeys {
+    #[serde(with = "b64")]
+    pub disk_key: Vec<u8>,
+    #[serde(with = "b64")]
+    pub measurement_secret: Vec<u8>,
+    /// Hex cluster ID the node must already hold.
+    pub cluster_id: String,
+}
+
+impl std::fmt::Debug for RecoveryKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoveryKeys")
+            .field("cluster_id", &self.cluster_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The node's answer to accepted keys: its state is unlocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryDone {
+    pub node_name: String,
+    /// What was unlocked (`LUKS2 /dev/vdb`, `key file ...`, `no state disk`).
+    pub unlocked: String,
+}

@@ -91,6 +91,27 @@ pub enum Binding {
 }
 
 impl Verdict {
+    /// The verdict on a TPM quote a caller verified ([`verify_quote`]) and
+    /// judged against its own expectations (an admin's tool comparing with
+    /// several local measurement files): like every TPM verdict it still has
+    /// to [`Verdict::bind`] its AK by credential activation.
+    pub fn from_tpm_quote(quote: crate::tpm::VerifiedQuote, warnings: Vec<String>) -> Self {
+        Self {
+            kind: EvidenceKind::Tpm,
+            measured: quote
+                .pcrs
+                .iter()
+                .filter_map(|(k, v)| u8::try_from(*k).ok().map(|k| (k, *v)))
+                .collect(),
+            identity: quote.ak_fingerprint,
+            warnings,
+            binding: KeyBinding::Activation {
+                ak_name: quote.ak_name,
+                ek_public: quote.ek_public,
+            },
+        }
+    }
+
     /// Starts binding the attesting key to the hardware root: SNP evidence
     /// is bound already; TPM evidence gets a fresh credential challenge.
     pub fn bind(self) -> Result<Binding, Refusal> {
@@ -203,16 +224,7 @@ pub fn verify_evidence(
                 .filter_map(|(k, v)| u8::try_from(*k).ok().map(|k| (k, *v)))
                 .collect();
             let warnings = expected.compare(&measured)?;
-            Ok(Verdict {
-                kind,
-                measured,
-                identity: quote.ak_fingerprint,
-                warnings,
-                binding: KeyBinding::Activation {
-                    ak_name: quote.ak_name,
-                    ek_public: quote.ek_public,
-                },
-            })
+            Ok(Verdict::from_tpm_quote(quote, warnings))
         }
         Evidence::SevSnp(snp) => {
             let trust = policy.snp.as_ref().ok_or(Refusal::NoTrustRoots(kind))?;

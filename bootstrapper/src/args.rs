@@ -93,6 +93,18 @@ pub struct Args {
     /// After joining, serve `/v1/attest` over aTLS on this address.
     #[arg(long, env = "CONFIDENTIAL_ATTEST_LISTEN")]
     pub attest_listen: Option<SocketAddr>,
+    /// When no gate can be reached after --max-attempts rounds (the control
+    /// plane is gone), serve the recovery endpoint over aTLS on this address
+    /// and wait for `kubectl confidential recover` instead of exiting. Only
+    /// a node that joined before (its cluster ID is in --cluster-id-state)
+    /// recovers.
+    #[arg(long, env = "CONFIDENTIAL_RECOVERY_LISTEN")]
+    pub recovery_listen: Option<SocketAddr>,
+    /// File keeping the cluster ID this node joined (not a secret), so after
+    /// a reboot it can show which cluster it belongs to when it recovers.
+    /// Default: `cluster-id` beside --ak-state.
+    #[arg(long, env = "CONFIDENTIAL_CLUSTER_ID_STATE")]
+    pub cluster_id_state: Option<PathBuf>,
 }
 
 /// The gate's key pin: SHA-256 of its SubjectPublicKeyInfo.
@@ -182,6 +194,9 @@ pub struct Config {
     pub kubelet: KubeletStart,
     pub max_attempts: u32,
     pub attest_listen: Option<SocketAddr>,
+    /// Where to serve recovery when the gate cannot be reached.
+    pub recovery_listen: Option<SocketAddr>,
+    pub cluster_id_state: PathBuf,
 }
 
 /// A flag combination or value the bootstrapper refuses.
@@ -201,6 +216,14 @@ pub enum ConfigError {
     ClusterIdPcr(u32),
     #[error("--snp-vcek is only used with --evidence snp")]
     VcekWithoutSnp,
+    #[error(
+        "--recovery-listen needs --max-attempts N (N > 0): the node serves recovery only after N rounds failed to reach the gate"
+    )]
+    RecoveryNeedsBoundedJoin,
+    #[error(
+        "--recovery-listen needs --evidence tpm: recovery checks TPM evidence (the cluster-ID PCR) in this version"
+    )]
+    RecoveryNeedsTpm,
 }
 
 /// The highest PCR index of a TPM 2.0 PC client (24 PCRs).
@@ -214,12 +237,15 @@ impl Args {
                 return Err(ConfigError::Endpoint(e.clone()));
             }
         }
-        if !valid_node_name(&self.node_name) {
+        if !confidential_api::keys::is_valid_node_name(&self.node_name) {
             return Err(ConfigError::NodeName(self.node_name));
         }
         if !valid_uuid(&self.disk_uuid) {
             return Err(ConfigError::DiskUuid(self.disk_uuid));
         }
+        let cluster_id_state = self
+            .cluster_id_state
+            .unwrap_or_else(|| self.ak_state.with_file_name("cluster-id"));
         let evidence = match self.evidence {
             EvidenceKind::Tpm => {
                 if self.snp_vcek.is_some() {
@@ -245,6 +271,14 @@ impl Args {
                 vcek: self.snp_vcek,
             },
         };
+        if self.recovery_listen.is_some() {
+            if self.max_attempts == 0 {
+                return Err(ConfigError::RecoveryNeedsBoundedJoin);
+            }
+            if !matches!(evidence, EvidenceConfig::Tpm { .. }) {
+                return Err(ConfigError::RecoveryNeedsTpm);
+            }
+        }
         let disk = match (self.state_device, self.disk_key_file) {
             (Some(device), _) => DiskTarget::Luks(device),
             (None, Some(file)) => DiskTarget::KeyFile(file),
@@ -266,6 +300,8 @@ impl Args {
             kubelet,
             max_attempts: self.max_attempts,
             attest_listen: self.attest_listen,
+            recovery_listen: self.recovery_listen,
+            cluster_id_state,
         })
     }
 }
@@ -276,21 +312,6 @@ fn valid_endpoint(e: &str) -> bool {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
         None => false,
     }
-}
-
-/// A lowercase RFC 1123 subdomain, as the API server requires of Node names.
-fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// 8-4-4-4-12 hex digits.
@@ -341,6 +362,12 @@ mod tests {
         assert_eq!(c.gate_pin, GatePin([1; 32]));
         assert_eq!(c.kubelet, KubeletStart::Kubeadm);
         assert_eq!(c.disk, DiskTarget::None);
+        assert_eq!(
+            c.cluster_id_state,
+            PathBuf::from("/var/lib/confidential/cluster-id"),
+            "beside the AK state"
+        );
+        assert_eq!(c.recovery_listen, None);
         assert!(matches!(
             c.evidence,
             EvidenceConfig::Tpm {
@@ -387,6 +414,21 @@ mod tests {
             (&["--pcrs", "24"][..], "not a PCR index"),
             (&["--cluster-id-pcr", "99"][..], "not a PCR index"),
             (&["--snp-vcek", "/x"][..], "only used with --evidence snp"),
+            (
+                &["--recovery-listen", "127.0.0.1:9445"][..],
+                "--recovery-listen needs --max-attempts",
+            ),
+            (
+                &[
+                    "--recovery-listen",
+                    "127.0.0.1:9445",
+                    "--max-attempts",
+                    "3",
+                    "--evidence",
+                    "snp",
+                ][..],
+                "--recovery-listen needs --evidence tpm",
+            ),
             (&["--evidence", "tdx"][..], "invalid value 'tdx'"),
             (
                 &["--state-device", "/dev/vdb", "--disk-key-file", "/k"][..],

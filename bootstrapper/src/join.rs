@@ -48,6 +48,24 @@ pub enum JoinError {
     InvalidAnswer(String),
 }
 
+/// Every attempt failed without reaching the gate: connections failed, or
+/// what answered presented another key. The node may then serve recovery
+/// (`--recovery-listen`); a gate that answered and refused is not this.
+#[derive(Debug, Error)]
+#[error("no gate could be reached at {endpoints} in {attempts} attempt(s)")]
+pub struct GateUnreachable {
+    pub endpoints: String,
+    pub attempts: u32,
+}
+
+/// Whether a failed attempt never reached the gate.
+fn never_reached_the_gate(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<JoinError>(),
+        Some(JoinError::Connect { .. } | JoinError::GateNotAuthenticated { .. })
+    )
+}
+
 /// What the kubelet needs from a first join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeletBootstrap {
@@ -251,6 +269,7 @@ async fn join_once(
 pub async fn join(config: &Config, source: &EvidenceSource) -> Result<Joined> {
     let mut backoff = Duration::from_millis(500);
     let mut attempt = 0u32;
+    let mut reached_the_gate = false;
     loop {
         attempt += 1;
         let mut last = None;
@@ -262,13 +281,20 @@ pub async fn join(config: &Config, source: &EvidenceSource) -> Result<Joined> {
                 Ok(joined) => return Ok(joined),
                 Err(e) => {
                     tracing::warn!(%endpoint, attempt, error = %format!("{e:#}"), "join failed");
+                    reached_the_gate |= !never_reached_the_gate(&e);
                     last = Some(e);
                 }
             }
         }
         if config.max_attempts != 0 && attempt >= config.max_attempts {
-            return Err(last.unwrap_or_else(|| anyhow!("no endpoint")))
-                .context(format!("joining failed after {attempt} attempt(s)"));
+            let last = last.unwrap_or_else(|| anyhow!("no endpoint"));
+            if !reached_the_gate {
+                return Err(last.context(GateUnreachable {
+                    endpoints: config.endpoints.join(","),
+                    attempts: attempt,
+                }));
+            }
+            return Err(last).context(format!("joining failed after {attempt} attempt(s)"));
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -293,6 +319,8 @@ pub(crate) mod tests {
             kubelet: KubeletStart::Kubeadm,
             max_attempts: 1,
             attest_listen: None,
+            recovery_listen: None,
+            cluster_id_state: "/nonexistent/cluster-id".into(),
         }
     }
 
@@ -307,6 +335,23 @@ pub(crate) mod tests {
             measurement_secret: vec![8; 32],
             cluster_id: hex::encode([9u8; 32]),
         }
+    }
+
+    #[tokio::test]
+    async fn no_listener_at_any_endpoint_means_the_gate_is_unreachable() {
+        let source = EvidenceSource::Snp { vcek: None };
+        let err = join(&config(), &source).await.expect_err("nobody listens");
+        let unreachable = err
+            .downcast_ref::<GateUnreachable>()
+            .expect("typed as unreachable");
+        assert_eq!(unreachable.attempts, 1);
+        assert!(format!("{err:#}").contains("127.0.0.1:1"), "{err:#}");
+        assert!(!never_reached_the_gate(&anyhow!(JoinError::Refused(
+            Refused {
+                reason: "pcr-mismatch".into(),
+                message: "no".into()
+            }
+        ))));
     }
 
     #[test]

@@ -9,6 +9,13 @@
 //! environment's simulated nodes do), then optionally serve `/v1/attest`
 //! ([`attest_server`]).
 //!
+//! When no gate can be reached after `--max-attempts` rounds and
+//! `--recovery-listen` is set, a node that joined before (its cluster ID kept
+//! in `--cluster-id-state`) extends its PCR with that cluster ID and serves
+//! the recovery endpoint ([`recovery`]) until the admin's `kubectl
+//! confidential recover` verified it and sent its keys; it then unlocks its
+//! state disk with the same disk step and continues as a rejoined node.
+//!
 //! Every check that can fail without the gate's answer runs before the node
 //! contacts the gate, so a bad flag or a broken disk changes nothing.
 //!
@@ -21,6 +28,7 @@ mod disk;
 mod evidence;
 mod join;
 mod kubelet;
+mod recovery;
 mod secret_files;
 
 use std::path::Path;
@@ -31,8 +39,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 use crate::args::{Args, Config, DiskTarget, KubeletStart};
-use crate::disk::Cryptsetup;
+use crate::disk::{Cryptsetup, LuksProbe};
 use crate::evidence::EvidenceSource;
+use crate::join::{GateUnreachable, KubeletBootstrap};
 
 /// A file the node will write must have an existing parent directory;
 /// checked before joining so a typo costs no join token.
@@ -51,6 +60,62 @@ fn check_parent(flag: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The disk step, after a join or a recovery: what the node does with its
+/// state disk key. Returns what was unlocked.
+fn unlock_state(
+    disk: &DiskTarget,
+    cryptsetup: &Cryptsetup,
+    probe: Option<LuksProbe>,
+    key: &[u8; 32],
+) -> Result<String> {
+    match (disk, probe) {
+        (DiskTarget::Luks(device), Some(probe)) => {
+            cryptsetup
+                .apply(device, probe, key)
+                .context("setting up the state disk")?;
+            Ok(format!("LUKS2 state disk {}", device.display()))
+        }
+        (DiskTarget::KeyFile(path), _) => {
+            secret_files::write_secret(path, key)?;
+            Ok(format!("disk key file {}", path.display()))
+        }
+        _ => {
+            tracing::info!("no state device: disk key not used");
+            Ok("no state disk".to_owned())
+        }
+    }
+}
+
+/// The cluster ID this node joined, kept across reboots.
+fn read_cluster_id_state(path: &Path) -> Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading --cluster-id-state {}: without it this node cannot show which cluster it belongs to (did it ever join?)",
+            path.display()
+        )
+    })?;
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .with_context(|| {
+            format!(
+                "--cluster-id-state {} does not hold 64 hex digits",
+                path.display()
+            )
+        })
+}
+
+/// How the node got its keys.
+enum Outcome {
+    Joined {
+        cluster_id: [u8; 32],
+        kubelet: Option<KubeletBootstrap>,
+    },
+    Recovered {
+        cluster_id: [u8; 32],
+    },
+}
+
 async fn run(config: Config) -> Result<()> {
     // Preflight: everything that can fail before the join.
     let cryptsetup = Cryptsetup::default();
@@ -65,22 +130,67 @@ async fn run(config: Config) -> Result<()> {
     if let KubeletStart::BootstrapKubeconfig(path) = &config.kubelet {
         check_parent("--kubelet-bootstrap-kubeconfig", path)?;
     }
-
-    let source = Arc::new(EvidenceSource::open(&config.evidence).await?);
-    let joined = join::join(&config, &source).await?;
-    tracing::info!(node = %joined.node_name, cluster_id = %hex::encode(joined.cluster_id), "joined");
-
-    source.record_cluster_id(joined.cluster_id).await?;
-
-    match (&config.disk, probe) {
-        (DiskTarget::Luks(device), Some(probe)) => cryptsetup
-            .apply(device, probe, &joined.disk_key)
-            .context("setting up the state disk")?,
-        (DiskTarget::KeyFile(path), _) => secret_files::write_secret(path, &joined.disk_key)?,
-        _ => tracing::info!("no state device: disk key not used"),
+    if config.recovery_listen.is_some() {
+        check_parent("--cluster-id-state", &config.cluster_id_state)?;
     }
 
-    match (&joined.kubelet, &config.kubelet) {
+    let source = Arc::new(EvidenceSource::open(&config.evidence).await?);
+    let outcome = match join::join(&config, &source).await {
+        Ok(joined) => {
+            tracing::info!(node = %joined.node_name, cluster_id = %hex::encode(joined.cluster_id), "joined");
+            source.record_cluster_id(joined.cluster_id).await?;
+            let kept = secret_files::write_secret(
+                &config.cluster_id_state,
+                hex::encode(joined.cluster_id).as_bytes(),
+            )
+            .context("keeping the cluster ID for recovery");
+            match kept {
+                Err(e) if config.recovery_listen.is_some() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "this node will not be able to recover")
+                }
+                Ok(()) => {}
+            }
+            unlock_state(&config.disk, &cryptsetup, probe, &joined.disk_key)?;
+            Outcome::Joined {
+                cluster_id: joined.cluster_id,
+                kubelet: joined.kubelet,
+            }
+        }
+        Err(unreachable) if unreachable.downcast_ref::<GateUnreachable>().is_some() => {
+            let Some(listen) = config.recovery_listen else {
+                return Err(unreachable);
+            };
+            let cluster_id = read_cluster_id_state(&config.cluster_id_state)
+                .with_context(|| format!("{unreachable:#}; cannot serve recovery"))?;
+            source.record_cluster_id(cluster_id).await?;
+            let disk = config.disk.clone();
+            let unlock = move |key: &[u8; 32]| unlock_state(&disk, &cryptsetup, probe, key);
+            let done = recovery::serve(
+                listen,
+                recovery::Recovery {
+                    node_name: config.node_name.clone(),
+                    disk_uuid: config.disk_uuid.clone(),
+                    cluster_id,
+                    source: source.clone(),
+                    unlock: Arc::new(unlock),
+                },
+            )
+            .await?;
+            tracing::info!(node = %done.node_name, unlocked = %done.unlocked, "recovered");
+            Outcome::Recovered { cluster_id }
+        }
+        Err(e) => return Err(e),
+    };
+
+    let (cluster_id, kubelet, verb) = match outcome {
+        Outcome::Joined {
+            cluster_id,
+            kubelet,
+        } => (cluster_id, kubelet, "joined"),
+        Outcome::Recovered { cluster_id } => (cluster_id, None, "recovered"),
+    };
+    match (&kubelet, &config.kubelet) {
         (None, _) => tracing::info!("rejoined: the kubelet keeps its credentials"),
         (Some(bootstrap), KubeletStart::BootstrapKubeconfig(path)) => {
             kubelet::write_bootstrap_kubeconfig(path, bootstrap)?;
@@ -91,7 +201,7 @@ async fn run(config: Config) -> Result<()> {
     }
     println!(
         "{}",
-        serde_json::json!({ "joined": joined.node_name, "clusterId": hex::encode(joined.cluster_id) })
+        serde_json::json!({ verb: config.node_name, "clusterId": hex::encode(cluster_id) })
     );
     if let Some(listen) = config.attest_listen {
         attest_server::serve(listen, source, config.node_name.clone()).await?;
@@ -101,21 +211,8 @@ async fn run(config: Config) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        eprintln!("error: a rustls crypto provider was already installed");
-        return ExitCode::FAILURE;
-    }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    confidential_startup::init("info", confidential_startup::LogFormat::Text);
     let config = match args.validate() {
         Ok(config) => config,
         Err(e) => {

@@ -59,20 +59,15 @@ struct Args {
     /// Private key (PEM) of --etcd-cert-file.
     #[arg(long)]
     etcd_key_file: Option<PathBuf>,
+    /// Log format: `text` or `json` (one object per line).
+    #[arg(long, default_value = "text", env = "CONFIDENTIAL_OPERATOR_LOG_FORMAT")]
+    log_format: confidential_startup::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
+    confidential_startup::init("info", args.log_format);
     // Flag mistakes first, before any cluster access.
     let etcd = EtcdFlags {
         endpoints: args.etcd_endpoints.clone(),
@@ -88,12 +83,9 @@ async fn main() -> Result<()> {
     if etcd.is_none() {
         tracing::warn!("{NO_ETCD_ACCESS}; worker pools roll as usual");
     }
-    let mut config = kube::Config::infer()
-        .await
-        .context("loading Kubernetes configuration")?;
-    // An eviction refused by a PDB is a 429 the drain must see at once.
-    config.default_retry = false;
-    let client = kube::Client::try_from(config).context("building Kubernetes client")?;
+    // No silent 429 retries: an eviction refused by a PDB is an answer the
+    // drain must see at once.
+    let client = confidential_startup::kube_client(None).await?;
     let metrics = Metrics::new();
     let provider: Arc<dyn Provider> = match args.provider {
         ProviderKind::RecordOnly => {

@@ -152,7 +152,7 @@ async fn kubelet_csrs_are_approved_only_for_the_node_attested_for_the_token() ->
         .create(&PostParams::default(), &binding)
         .await?;
     attest(&admin, "attested-node", Verdict::Trusted).await?;
-    attest(&admin, "untrusted-node", Verdict::Untrusted).await?;
+    attest(&admin, "untrusted-node", Verdict::Revoked).await?;
     let dir = tempfile::tempdir()?;
     let issued = bootstrap_client(&cluster, dir.path(), "aaaaaa", Some("attested-node")).await?;
     let foreign = bootstrap_client(&cluster, dir.path(), "bbbbbb", None).await?;

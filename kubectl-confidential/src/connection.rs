@@ -62,8 +62,7 @@ fn parse_request_timeout(text: &str) -> Result<Duration, String> {
     if let Ok(seconds) = text.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
     }
-    confidential_api::duration::parse_duration(text)
-        .ok_or_else(|| format!("{text:?} is not a duration like 30s, 2m or 1h"))
+    confidential_api::duration::parse_flag(text)
 }
 
 impl ConnectionArgs {

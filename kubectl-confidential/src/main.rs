@@ -8,15 +8,17 @@
 
 mod completion;
 mod connection;
+mod init;
 mod measurements;
 mod output;
 mod preflight;
+mod recover;
 mod status;
 mod upgrade;
 mod verify;
 mod version;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// Manage confidential Kubernetes clusters.
@@ -40,16 +42,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Initialise a cluster: generate the master secret, install CRDs and components.
-    Init,
+    /// Initialise a cluster: generate the master secret, install CRDs, the
+    /// gate, the operator, the policy and the node pool.
+    Init(Box<init::Args>),
     /// Verify nodes by remote attestation over aTLS against local trusted measurements.
     Verify(verify::VerifyArgs),
     /// Roll a node pool to a new node image or Kubernetes version.
     Upgrade(upgrade::UpgradeArgs),
     /// Show node pools, attestations and pending machines.
     Status(status::StatusArgs),
-    /// Recover a cluster whose control-plane nodes all rebooted.
-    Recover,
+    /// Recover a node that cannot reach its gate: verify it over aTLS
+    /// against local trusted measurements, then send it its keys.
+    Recover(recover::RecoverArgs),
     /// Compute, sign, verify, fetch and add node-image measurement files.
     #[command(subcommand)]
     Measurements(measurements::MeasurementsCommand),
@@ -62,12 +66,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
+    confidential_startup::install_crypto_provider();
     // kubectl's plugin completion: the words are not ours to parse (they may
     // be half-typed flags), so this bypasses clap.
     let args: Vec<String> = std::env::args().collect();
@@ -75,20 +74,18 @@ async fn main() -> Result<()> {
         return completion::run_complete(&args[2..]);
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    // kube's client logs every failed request at ERROR; the plugin reports
+    // each failure itself, with what to do next, so those stay off unless
+    // RUST_LOG asks for them.
+    confidential_startup::init("warn,kube_client=off", confidential_startup::LogFormat::Text);
     match &cli.command {
         Command::Measurements(command) => measurements::run(&cli.connection, command).await,
         Command::Status(args) => status::run(&cli.connection.client().await?, args).await,
         Command::Upgrade(args) => upgrade::run(&cli.connection.client().await?.client, args).await,
         Command::Verify(args) => verify::run(&cli.connection, args).await,
+        Command::Recover(args) => recover::run(args).await,
         Command::Version(args) => version::run(&cli.connection, &cli.namespace, args).await,
         Command::Completion(args) => completion::run(args),
-        other => bail!(
-            "`kubectl confidential {}` is not available in this version yet; see `kubectl confidential --help`",
-            format!("{other:?}").to_lowercase()
-        ),
+        Command::Init(args) => init::run(&cli.connection, &cli.namespace, args).await,
     }
 }

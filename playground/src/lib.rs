@@ -1,86 +1,101 @@
 //! The local playground: a confidential cluster on real components on one
-//! machine. It starts the test environment's control plane, the gate
-//! (`confidential-webhook`: admission webhook registered with the real API
-//! server, and the aTLS join endpoint), an `AttestationPolicy` that trusts a
-//! local swtpm EK CA and holds publisher-signed measurements of two node
-//! images, a `NodeVersion`, and the node operator with a provider whose
-//! machines are swtpm-backed simulated confidential nodes. Everything a user
-//! does next goes through kubectl and `kubectl confidential`.
+//! machine. It starts only what a cloud would provide — the control plane
+//! (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, from the
+//! test environment) and machines (swtpm-backed simulated confidential
+//! nodes) — and everything confidential is installed by the real
+//! `kubectl confidential init` binary, exactly as on any cluster. No
+//! kubelet runs our pods here, so `init` runs in its out-of-cluster mode
+//! (`--gate-url`) and the playground's [`host`] does what a kubelet would:
+//! it runs the gate (`confidential-webhook`) as a process from the Secrets
+//! `init` created, keeps its certificate files in sync with them (so
+//! `init --rotate-serving-cert` works here too), and runs the node operator
+//! with the playground's machine provider.
+//!
+//! The playground writes the admin's trust material into its directory:
+//! a publisher key and the signed measurement files of two node images
+//! (`node-v1.json`, `node-v2.json` and their `.sig`), the swtpm EK CA, and
+//! `playground.env` with the addresses `init` needs.
 
+pub mod host;
 pub mod provider;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use confidential_api::{
-    AttestationPolicy, AttestationPolicySpec, EvidenceKind, MeasuredImage, Measurement,
-    NodeVersion, NodeVersionSpec, PublisherKey, RolloutStrategy, TpmTrust,
-};
+use anyhow::{Context, Result, bail};
+use confidential_api::NodeVersion;
 use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
-use confidential_controllers::metrics::Metrics;
-use confidential_controllers::reconciler::Settings;
 use confidential_testenv::node::{IMAGE_PCR, NodeImage};
-use confidential_testenv::pki::CertificateAuthority;
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
-use confidential_testenv::{
-    ControlPlane, ControlPlaneOptions, ManagedProcess, crds_dir, eventually, install_crds,
-};
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use confidential_testenv::{ControlPlane, ControlPlaneOptions};
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::Api;
 use p256::ecdsa::SigningKey;
 use p256::pkcs8::EncodePublicKey;
 
 pub use provider::SwtpmProvider;
 
-/// The node images the playground's policy trusts.
+/// The node images the playground's publisher signed measurements for.
 pub const IMAGE_V1: &str = "registry.example/confidential-node:v1";
 pub const IMAGE_V2: &str = "registry.example/confidential-node:v2";
 /// Kubernetes version of the simulated kubelets.
 pub const KUBERNETES_VERSION: &str = "v1.35.4";
-/// Name of the policy, pool and publisher the playground creates.
+/// Name of the policy and pool `init` creates.
 pub const DEFAULT: &str = "default";
 
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Nodes in the default pool.
+    /// Nodes in the default pool (passed to `init --replicas`).
     pub nodes: i32,
-    /// `maxSurge` of the pool's rollouts.
-    pub max_surge: IntOrString,
+    /// `maxSurge` of the pool's rollouts (passed to `init --max-surge`).
+    pub max_surge: i32,
+    /// Directory for the trust material, `playground.env` and logs (a
+    /// temporary one, removed at the end, when unset).
+    pub dir: Option<PathBuf>,
+    /// Run `kubectl confidential init` (else the user runs it, see
+    /// [`Playground::init_args`]).
+    pub init: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             nodes: 3,
-            max_surge: IntOrString::Int(1),
+            max_surge: 1,
+            dir: None,
+            init: true,
         }
     }
+}
+
+/// The admin's local files the playground prepared.
+#[derive(Clone, Debug)]
+pub struct TrustFiles {
+    pub measurements_v1: PathBuf,
+    pub measurements_v2: PathBuf,
+    pub publisher_key: PathBuf,
+    pub ek_ca: PathBuf,
+    pub master_secret: PathBuf,
+    pub cluster_file: PathBuf,
 }
 
 /// A running playground; dropping it stops everything it started.
 pub struct Playground {
     pub client: Client,
-    pub provider: Arc<SwtpmProvider>,
-    operator: tokio::task::JoinHandle<()>,
-    _gate: ManagedProcess,
-    _ca: Arc<SwtpmCa>,
-    _dir: tempfile::TempDir,
+    pub files: TrustFiles,
+    /// Where the API server calls the gate (`init --gate-url`).
+    pub gate_url: String,
+    /// Where machines reach the join endpoint (`init --join-exposure external=`).
+    pub join_endpoint: String,
+    pub dir: PathBuf,
+    pub host: host::Host,
+    _tempdir: Option<tempfile::TempDir>,
     /// Declared last: the control plane stops after everything using it.
     pub control_plane: ControlPlane,
-}
-
-impl Drop for Playground {
-    fn drop(&mut self) {
-        self.operator.abort();
-    }
 }
 
 fn free_port() -> Result<u16> {
@@ -93,101 +108,65 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The signed policy entry of a node image as the simulated firmware measures it.
-fn measured_image(image: &str, publisher: &SigningKey) -> Result<MeasuredImage> {
-    let pcr = NodeImage::new(image).expected_pcr();
-    let file = MeasurementFile {
+/// The measurement file of a node image as the simulated firmware measures it.
+fn measurement_file(image: &str) -> Result<MeasurementFile> {
+    Ok(MeasurementFile {
         image: image.to_owned(),
         measurements: Measurements::new(BTreeMap::from([(
             u8::try_from(IMAGE_PCR)?,
             Expected {
-                expected: pcr,
+                expected: NodeImage::new(image).expected_pcr(),
                 warn_only: false,
             },
         )]))?,
-    };
-    Ok(MeasuredImage {
-        image: image.to_owned(),
-        measurements: BTreeMap::from([(
-            IMAGE_PCR.to_string(),
-            Measurement {
-                expected: hex::encode(pcr),
-                warn_only: false,
-            },
-        )]),
-        snp: None,
-        publisher: DEFAULT.to_owned(),
-        signature: file.sign(publisher),
     })
 }
 
+/// Writes `FILE` (canonical bytes, exactly what is signed) and `FILE.sig`.
+fn write_signed(path: &Path, image: &str, publisher: &SigningKey) -> Result<()> {
+    let file = measurement_file(image)?;
+    std::fs::write(path, file.canonical_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    write(
+        &PathBuf::from(format!("{}.sig", path.display())),
+        &(file.sign(publisher) + "\n"),
+    )
+}
+
+/// The path of a binary of this workspace (built when missing).
+pub fn plugin_binary() -> Result<PathBuf> {
+    confidential_testenv::workspace_binary(
+        "kubectl-confidential",
+        "kubectl-confidential",
+        "KUBECTL_CONFIDENTIAL_BIN",
+    )
+}
+
 impl Playground {
-    /// Starts everything and returns once the gate admits requests; nodes
-    /// join in the background (see [`Playground::wait_for_pool`]).
+    /// Starts the control plane, prepares the trust material, starts the
+    /// component host and (with `options.init`) runs
+    /// `kubectl confidential init`; nodes join in the background (see
+    /// [`Playground::wait_for_pool`]).
     pub async fn start(options: Options) -> Result<Self> {
+        let (tempdir, dir) = match &options.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                (None, dir.canonicalize()?)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("confidential-playground-")
+                    .tempdir()?;
+                let path = t.path().to_owned();
+                (Some(t), path)
+            }
+        };
         let control_plane = ControlPlane::start(ControlPlaneOptions::default()).await?;
         let client = control_plane.client().await?;
-        install_crds(&client, &crds_dir()).await?;
-        let dir = tempfile::Builder::new()
-            .prefix("confidential-playground-")
-            .tempdir()?;
-        let d = dir.path();
 
-        // The gate: serving certificate, master secret, cluster CA for nodes.
-        let gate_ca = CertificateAuthority::new("confidential-playground-gate-ca")?;
-        let serving = gate_ca.issue_server(
-            "confidential-webhook",
-            &["localhost"],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        )?;
-        write(&d.join("tls.crt"), &serving.cert_pem)?;
-        write(&d.join("tls.key"), &serving.key_pem)?;
-        let secret: [u8; 32] = rand::random();
-        let salt: [u8; 16] = rand::random();
-        write(
-            &d.join("master-secret.json"),
-            &serde_json::json!({ "secret": hex::encode(secret), "salt": hex::encode(salt) })
-                .to_string(),
-        )?;
-        // Nodes pin the key the gate derives from this master secret.
-        let gate_pin = confidential_attestation::atls::GateIdentity::derive(
-            &confidential_attestation::kdf::MasterSecret::new(secret.to_vec(), salt.to_vec())?,
-        )?
-        .pin();
-        write(&d.join("cluster-ca.crt"), &control_plane.ca_pem)?;
-        let (webhook_port, join_port) = (free_port()?, free_port()?);
-        let mut gate = Command::new(confidential_testenv::workspace_binary(
-            "confidential-webhook",
-            "confidential-webhook",
-            "CONFIDENTIAL_WEBHOOK_BIN",
-        )?);
-        gate.env("KUBECONFIG", &control_plane.kubeconfig)
-            .env("RUST_LOG", "info")
-            .arg(format!("--listen=127.0.0.1:{webhook_port}"))
-            .arg(format!("--tls-cert={}", d.join("tls.crt").display()))
-            .arg(format!("--tls-key={}", d.join("tls.key").display()))
-            .arg(format!(
-                "--kubeconfig={}",
-                control_plane.kubeconfig.display()
-            ))
-            .arg(format!("--join-listen=127.0.0.1:{join_port}"))
-            .arg(format!(
-                "--join-master-secret-file={}",
-                d.join("master-secret.json").display()
-            ))
-            .arg(format!("--join-api-server={}", control_plane.server))
-            .arg(format!(
-                "--join-ca-file={}",
-                d.join("cluster-ca.crt").display()
-            ))
-            .arg(format!("--join-policy={DEFAULT}"))
-            .arg(format!("--join-default-pool={DEFAULT}"));
-        let gate = ManagedProcess::spawn("confidential-webhook", gate, &d.join("gate.log"))?;
-        register_webhook(&client, webhook_port, &gate_ca.cert.cert_pem).await?;
-        confidential_testenv::allow_node_bootstrap(&client).await?;
-
-        // Trust: the swtpm EK CA (materialised by setting up one TPM) and a
-        // publisher key that signs the measurements of both images.
+        // The admin's trust: the swtpm EK CA (materialised by setting up
+        // one TPM) and a publisher key that signed both images' measurements.
         let ca = Arc::new(tokio::task::spawn_blocking(SwtpmCa::new).await??);
         {
             let ca = ca.clone();
@@ -198,86 +177,149 @@ impl Playground {
                 break key;
             }
         };
-        let publisher_pem = publisher
-            .verifying_key()
-            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-            .context("encoding the publisher key")?;
-        let policy = AttestationPolicy::new(
-            DEFAULT,
-            AttestationPolicySpec {
-                evidence_kinds: vec![EvidenceKind::Tpm],
-                tpm: Some(TpmTrust {
-                    ek_ca_certificates: vec![ca.issuer_pem()?],
-                }),
-                snp: None,
-                publishers: vec![PublisherKey {
-                    name: DEFAULT.to_owned(),
-                    public_key: publisher_pem,
-                }],
-                images: vec![
-                    measured_image(IMAGE_V1, &publisher)?,
-                    measured_image(IMAGE_V2, &publisher)?,
-                ],
-                reattestation_interval: Some("1h".to_owned()),
-            },
-        );
-        // The first writes also prove the registered gate answers (fail closed until then).
-        let policies: Api<AttestationPolicy> = Api::all(client.clone());
-        eventually(
-            "the gate to admit the AttestationPolicy",
-            Duration::from_secs(60),
-            || {
-                let (policies, policy) = (policies.clone(), policy.clone());
-                async move {
-                    Ok(policies
-                        .create(&PostParams::default(), &policy)
-                        .await
-                        .ok()
-                        .map(drop))
-                }
-            },
-        )
-        .await?;
-        let pool = NodeVersion::new(
-            DEFAULT,
-            NodeVersionSpec {
-                image: IMAGE_V1.to_owned(),
-                kubernetes_version: KUBERNETES_VERSION.to_owned(),
-                replicas: options.nodes,
-                control_plane: false,
-                strategy: RolloutStrategy {
-                    max_surge: Some(options.max_surge.clone()),
-                    join_deadline_seconds: Some(120),
-                    ..Default::default()
-                },
-            },
-        );
-        Api::<NodeVersion>::all(client.clone())
-            .create(&PostParams::default(), &pool)
-            .await
-            .context("creating the default NodeVersion")?;
+        let files = TrustFiles {
+            measurements_v1: dir.join("node-v1.json"),
+            measurements_v2: dir.join("node-v2.json"),
+            publisher_key: dir.join("publisher.pub"),
+            ek_ca: dir.join("ek-ca.pem"),
+            master_secret: dir.join("confidential-master-secret.json"),
+            cluster_file: dir.join("confidential-cluster.json"),
+        };
+        if files.master_secret.exists() {
+            bail!(
+                "{} exists from an earlier run; use another --dir or remove it",
+                files.master_secret.display()
+            );
+        }
+        write_signed(&files.measurements_v1, IMAGE_V1, &publisher)?;
+        write_signed(&files.measurements_v2, IMAGE_V2, &publisher)?;
+        write(
+            &files.publisher_key,
+            &publisher
+                .verifying_key()
+                .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+                .context("encoding the publisher key")?,
+        )?;
+        write(&files.ek_ca, &ca.issuer_pem()?)?;
 
-        let provider = Arc::new(SwtpmProvider::new(
-            ca.clone(),
-            vec![format!("127.0.0.1:{join_port}")],
-            gate_pin,
-        ));
-        let operator = tokio::spawn(confidential_controllers::operator::run(
-            client.clone(),
-            provider.clone(),
-            Metrics::new(),
-            Settings::default(),
-            None,
-        ));
-        Ok(Self {
+        let gate_url = format!("https://127.0.0.1:{}", free_port()?);
+        let join_endpoint = format!("127.0.0.1:{}", free_port()?);
+        let host = host::Host::start(host::HostConfig {
+            client: client.clone(),
+            kubeconfig: control_plane.kubeconfig.clone(),
+            server: control_plane.server.clone(),
+            cluster_ca_pem: control_plane.ca_pem.clone(),
+            dir: dir.join("components"),
+            gate_url: gate_url.clone(),
+            join_endpoint: join_endpoint.clone(),
+            ca,
+        })?;
+        let playground = Self {
             client,
-            provider,
-            operator,
-            _gate: gate,
-            _ca: ca,
-            _dir: dir,
+            files,
+            gate_url,
+            join_endpoint,
+            dir,
+            host,
+            _tempdir: tempdir,
             control_plane,
-        })
+        };
+        playground.write_env(&options)?;
+        if options.init {
+            playground.run_init(&options).await?;
+        }
+        Ok(playground)
+    }
+
+    /// The arguments of `kubectl confidential init` for this playground.
+    pub fn init_args(&self, options: &Options) -> Vec<String> {
+        let f = &self.files;
+        let p = |p: &Path| p.display().to_string();
+        vec![
+            "init".into(),
+            format!("--gate-url={}", self.gate_url),
+            format!("--join-exposure=external={}", self.join_endpoint),
+            format!("--measurements={}", p(&f.measurements_v1)),
+            format!("--measurements={}", p(&f.measurements_v2)),
+            format!("--publisher-key={}", p(&f.publisher_key)),
+            format!("--ek-ca={}", p(&f.ek_ca)),
+            format!("--replicas={}", options.nodes),
+            format!("--max-surge={}", options.max_surge),
+            format!("--kubernetes-version={KUBERNETES_VERSION}"),
+            format!("--master-secret-out={}", p(&f.master_secret)),
+            format!("--cluster-file={}", p(&f.cluster_file)),
+        ]
+    }
+
+    /// `playground.env`: what a shell (the tour) needs to drive the playground.
+    fn write_env(&self, options: &Options) -> Result<()> {
+        let kubectl = confidential_testenv::binaries::kubectl()?;
+        let quoted = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let f = &self.files;
+        let lines = [
+            (
+                "KUBECONFIG",
+                self.control_plane.kubeconfig.display().to_string(),
+            ),
+            ("PLAYGROUND_DIR", self.dir.display().to_string()),
+            ("PLAYGROUND_KUBECTL", kubectl.display().to_string()),
+            ("PLAYGROUND_GATE_URL", self.gate_url.clone()),
+            ("PLAYGROUND_JOIN_ENDPOINT", self.join_endpoint.clone()),
+            (
+                "PLAYGROUND_MEASUREMENTS_V1",
+                f.measurements_v1.display().to_string(),
+            ),
+            (
+                "PLAYGROUND_MEASUREMENTS_V2",
+                f.measurements_v2.display().to_string(),
+            ),
+            (
+                "PLAYGROUND_PUBLISHER_KEY",
+                f.publisher_key.display().to_string(),
+            ),
+            ("PLAYGROUND_EK_CA", f.ek_ca.display().to_string()),
+            (
+                "PLAYGROUND_CLUSTER_FILE",
+                f.cluster_file.display().to_string(),
+            ),
+            (
+                "PLAYGROUND_MASTER_SECRET",
+                f.master_secret.display().to_string(),
+            ),
+            ("PLAYGROUND_IMAGE_V1", IMAGE_V1.to_owned()),
+            ("PLAYGROUND_IMAGE_V2", IMAGE_V2.to_owned()),
+            ("PLAYGROUND_NODES", options.nodes.to_string()),
+            (
+                "PLAYGROUND_INIT_ARGS",
+                self.init_args(options)[1..].join(" "),
+            ),
+        ];
+        let text: String = lines
+            .iter()
+            .map(|(k, v)| format!("export {k}={}\n", quoted(v)))
+            .collect();
+        // Written last and atomically: its presence means the playground is up.
+        let tmp = self.dir.join(".playground.env.tmp");
+        write(&tmp, &text)?;
+        std::fs::rename(&tmp, self.dir.join("playground.env")).context("publishing playground.env")
+    }
+
+    /// Runs the real `kubectl confidential init` against this playground.
+    async fn run_init(&self, options: &Options) -> Result<()> {
+        let mut command = tokio::process::Command::new(plugin_binary()?);
+        command
+            .args(self.init_args(options))
+            .env("KUBECONFIG", &self.control_plane.kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let status = command
+            .status()
+            .await
+            .context("running kubectl-confidential init")?;
+        if !status.success() {
+            bail!("kubectl confidential init failed ({status}); see its output above");
+        }
+        Ok(())
     }
 
     /// Waits until the default pool reports `replicas` nodes up to date on
@@ -312,53 +354,33 @@ impl Playground {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("the pool did not reach {image} within {timeout:?} ({last})");
+                bail!("the pool did not reach {image} within {timeout:?} ({last})");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-}
 
-/// Registers the gate's validating webhook from `manifests/webhook/`, pointed
-/// at the local gate by URL.
-async fn register_webhook(client: &Client, port: u16, ca_pem: &str) -> Result<()> {
-    let mut config: ValidatingWebhookConfiguration =
-        confidential_testenv::read_manifest("webhook/validatingwebhookconfiguration.yaml")?;
-    for webhook in config.webhooks.iter_mut().flatten() {
-        let path = webhook
-            .client_config
-            .service
-            .as_ref()
-            .and_then(|s| s.path.clone())
-            .unwrap_or_else(|| "/validate".to_owned());
-        webhook.client_config.service = None;
-        webhook.client_config.url = Some(format!("https://127.0.0.1:{port}{path}"));
-        webhook.client_config.ca_bundle = Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec()));
-    }
-    confidential_testenv::apply_cluster_object(client, &config)
-        .await
-        .context("registering the webhook")?;
-    Ok(())
-}
-
-/// Sets the default pool's image, as `kubectl confidential upgrade` does.
-/// The gate refuses the change while it still sees the previous rollout in
-/// progress (its watch may trail the status by a moment), so that refusal is
-/// retried for a few seconds; any other refusal fails at once.
-pub async fn upgrade(client: &Client, image: &str) -> Result<()> {
-    let pools: Api<NodeVersion> = Api::all(client.clone());
-    let patch = Patch::Merge(serde_json::json!({ "spec": { "image": image } }));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match pools.patch(DEFAULT, &PatchParams::default(), &patch).await {
-            Ok(_) => return Ok(()),
-            Err(err)
-                if err.to_string().contains("in progress")
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(err) => return Err(err).context("updating the default NodeVersion"),
+    /// Rolls the default pool to `image` with the real
+    /// `kubectl confidential upgrade --image IMAGE --wait`.
+    pub async fn upgrade(&self, image: &str) -> Result<()> {
+        let status = tokio::process::Command::new(plugin_binary()?)
+            .args(["upgrade", "--image", image, "--wait"])
+            .env("KUBECONFIG", &self.control_plane.kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .context("running kubectl-confidential upgrade")?;
+        if !status.success() {
+            bail!("kubectl confidential upgrade --image {image} failed ({status})");
         }
+        Ok(())
+    }
+
+    /// A `kubectl` command (the one built with the control plane) for this cluster.
+    pub fn kubectl(&self) -> Result<Command> {
+        let mut command = Command::new(confidential_testenv::binaries::kubectl()?);
+        command.env("KUBECONFIG", &self.control_plane.kubeconfig);
+        Ok(command)
     }
 }

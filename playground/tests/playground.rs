@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use confidential_api::{EvidenceKind, NodeAttestation, Verdict};
-use confidential_playground::{IMAGE_V1, IMAGE_V2, Options, Playground, upgrade};
+use confidential_playground::{IMAGE_V1, IMAGE_V2, Options, Playground};
 use k8s_openapi::api::core::v1::{Node, Secret};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 
@@ -52,7 +51,8 @@ async fn swtpm_nodes_join_through_the_gate_and_roll_from_v1_to_v2() -> Result<()
         .try_init();
     let playground = Playground::start(Options {
         nodes: 2,
-        max_surge: IntOrString::Int(1),
+        max_surge: 1,
+        ..Options::default()
     })
     .await?;
     let client = playground.client.clone();
@@ -92,7 +92,7 @@ async fn swtpm_nodes_join_through_the_gate_and_roll_from_v1_to_v2() -> Result<()
     )
     .await?;
 
-    upgrade(&client, IMAGE_V2).await?;
+    playground.upgrade(IMAGE_V2).await?;
     playground
         .wait_for_pool(IMAGE_V2, Duration::from_secs(480))
         .await?;

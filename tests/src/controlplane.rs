@@ -315,11 +315,18 @@ impl ControlPlane {
     }
 
     async fn wait_for_readyz(&mut self, client: &Client, timeout: Duration) -> Result<()> {
+        use tracing::instrument::WithSubscriber as _;
         let deadline = Instant::now() + timeout;
         loop {
             self.check_running()?;
             let req = http::Request::get("/readyz").body(Vec::new())?;
-            match client.request_text(req).await {
+            // Refused connections and 500s are what a starting API server
+            // answers; kube's client logs each at ERROR, which reads as a
+            // failure to a newcomer. This probe's own requests log nothing.
+            let probe = client
+                .request_text(req)
+                .with_subscriber(tracing::subscriber::NoSubscriber::default());
+            match probe.await {
                 Ok(body) if body.trim() == "ok" => return Ok(()),
                 _ if Instant::now() > deadline => {
                     bail!("kube-apiserver not ready within {timeout:?}")
@@ -333,11 +340,15 @@ impl ControlPlane {
     /// creates `default/default`.
     async fn wait_for_controllers(&mut self, client: &Client, timeout: Duration) -> Result<()> {
         use k8s_openapi::api::core::v1::ServiceAccount;
+        use tracing::instrument::WithSubscriber as _;
         let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(client.clone(), "default");
         let deadline = Instant::now() + timeout;
         loop {
             self.check_running()?;
-            if accounts.get_opt("default").await.ok().flatten().is_some() {
+            let probe = accounts
+                .get_opt("default")
+                .with_subscriber(tracing::subscriber::NoSubscriber::default());
+            if probe.await.ok().flatten().is_some() {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -20,6 +20,7 @@ pub mod pki;
 mod process;
 pub mod standin;
 pub mod swtpm;
+pub mod vm;
 pub mod world;
 
 use std::path::{Path, PathBuf};

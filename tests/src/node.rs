@@ -108,6 +108,14 @@ impl SimulatedNode {
         self.dir.path()
     }
 
+    /// Reboots the machine into `image`: the TPM is power-cycled (PCRs back
+    /// to zero, EK and the AK state kept) and the firmware measures `image`.
+    /// The bootstrapper must be run again afterwards.
+    pub fn reboot(&self, image: &NodeImage) -> Result<()> {
+        self.swtpm.reboot()?;
+        self.swtpm.measure_boot(IMAGE_PCR, &image.components)
+    }
+
     /// Where the bootstrapper writes the kubelet bootstrap kubeconfig.
     pub fn bootstrap_kubeconfig(&self) -> PathBuf {
         self.dir.path().join("bootstrap-kubelet.kubeconfig")

@@ -98,21 +98,27 @@ fn run(mut cmd: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Manufactures a TPM's state in `state`: EK and an EK certificate issued by
+/// `ca` (also used for the vTPMs of VMs, `crate::vm`).
+pub(crate) fn manufacture(ca: &SwtpmCa, state: &Path) -> Result<()> {
+    std::fs::create_dir_all(state)?;
+    let mut setup = Command::new("swtpm_setup");
+    setup
+        .arg("--tpm2")
+        .arg("--tpmstate")
+        .arg(state)
+        .arg("--create-ek-cert")
+        .arg("--config")
+        .arg(ca.setup_conf());
+    run(setup, "swtpm_setup")
+}
+
 impl Swtpm {
     /// Manufactures a TPM (EK + EK certificate from `ca`) and starts it.
     pub fn start(ca: &SwtpmCa) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("swtpm-").tempdir()?;
         let state = dir.path().join("state");
-        std::fs::create_dir_all(&state)?;
-        let mut setup = Command::new("swtpm_setup");
-        setup
-            .arg("--tpm2")
-            .arg("--tpmstate")
-            .arg(&state)
-            .arg("--create-ek-cert")
-            .arg("--config")
-            .arg(ca.setup_conf());
-        run(setup, "swtpm_setup")?;
+        manufacture(ca, &state)?;
         let mut last = None;
         for _ in 0..5 {
             let port = free_port_pair()?;
@@ -168,6 +174,20 @@ impl Swtpm {
         cmd.env("TPM2TOOLS_TCTI", self.tcti())
             .arg(format!("{pcr}:sha256={}", hex_lower(digest)));
         run(cmd, "tpm2_pcrextend")
+    }
+
+    /// Power-cycles the TPM, as a machine reboot does: `swtpm_ioctl -i`
+    /// (re-initialise, keeping the persistent state: EK, seeds) then
+    /// `TPM2_Startup(CLEAR)`, so every PCR is back to zero.
+    pub fn reboot(&self) -> Result<()> {
+        let mut init = Command::new("swtpm_ioctl");
+        init.arg("--tcp")
+            .arg(format!("127.0.0.1:{}", self.port + 1))
+            .arg("-i");
+        run(init, "swtpm_ioctl -i")?;
+        let mut startup = Command::new("tpm2_startup");
+        startup.env("TPM2TOOLS_TCTI", self.tcti()).arg("-c");
+        run(startup, "tpm2_startup -c")
     }
 
     /// The "firmware": extends each component digest into `pcr`, in order.

@@ -26,7 +26,6 @@ use confidential_testenv::node::{IMAGE_PCR, NodeImage, SimulatedNode};
 use confidential_testenv::swtpm::SwtpmCa;
 use confidential_testenv::{eventually, unique_name};
 use join_env::*;
-use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
@@ -346,37 +345,37 @@ async fn bootstrap_token_is_single_use() -> Result<()> {
         .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
         .await?;
     assert!(out.success, "{}", out.log);
-    // The approver's contract: approve one CSR whose node name matches the
-    // token's bound node, then delete the token.
+    // The real CSR approver: it approves the kubelet CSR of the node the
+    // token was issued to and then deletes the token.
     let admin = env.client();
-    let _kubelet = node
-        .start_kubelet(|csr| async move {
-            let csrs = Api::<CertificateSigningRequest>::all(admin.clone())
-                .get(&csr)
-                .await?;
-            let user = csrs.spec.username.unwrap_or_default();
-            let id = user
-                .strip_prefix("system:bootstrap:")
-                .context("not a token user")?
-                .to_owned();
+    let approver = tokio::spawn(confidential_controllers::csr::run(
+        admin.clone(),
+        confidential_controllers::metrics::Metrics::new(),
+    ));
+    let _kubelet = node.start_kubelet(|_csr| async { Ok(()) }).await?;
+    let token_gone = eventually(
+        "the approver to delete the used token",
+        Duration::from_secs(60),
+        || {
             let secrets = Api::<Secret>::namespaced(admin.clone(), "kube-system");
-            let token = secrets.get(&format!("bootstrap-token-{id}")).await?;
-            let bound = token
-                .metadata
-                .annotations
-                .unwrap_or_default()
-                .get(ANNOTATION_TOKEN_NODE_NAME)
-                .cloned();
-            if bound.as_deref() != Some(name.as_str()) {
-                bail!("token bound to {bound:?}, CSR for {name}");
+            let name = name.clone();
+            async move {
+                let tokens = secrets.list(&Default::default()).await?;
+                let left = tokens.items.iter().any(|secret| {
+                    secret
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(ANNOTATION_TOKEN_NODE_NAME))
+                        .is_some_and(|bound| bound == &name)
+                });
+                Ok((!left).then_some(()))
             }
-            approve(&admin, &csr).await?;
-            secrets
-                .delete(&format!("bootstrap-token-{id}"), &Default::default())
-                .await?;
-            Ok(())
-        })
-        .await?;
+        },
+    )
+    .await;
+    approver.abort();
+    token_gone?;
     // Reusing the token: the API server no longer accepts it.
     let reuse = confidential_testenv::client_from_kubeconfig(&node.bootstrap_kubeconfig()).await?;
     let err = eventually(

@@ -42,7 +42,7 @@ struct Cli {
     reattest: ReattestArgs,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", env = "CONFIDENTIAL_WEBHOOK_LOG_FORMAT")]
-    log_format: String,
+    log_format: confidential_startup::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,31 +84,14 @@ async fn main() -> Result<()> {
         println!("{}", join::gate_pin(&args.master_secret_file)?);
         return Ok(());
     }
-    // rustls needs its crypto provider chosen before any TLS config is built;
-    // an error only means another one was installed first.
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if cli.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    confidential_startup::init("info", cli.log_format);
     if cli.join.join_listen.is_none() {
         return server::run(cli.webhook).await;
     }
     // Admission and join share one client (and `--kubeconfig`) and one set
     // of watch caches; if either listener stops, the process exits so its
     // supervisor restarts it.
-    let client = server::client(cli.webhook.kubeconfig.as_deref()).await?;
+    let client = confidential_startup::kube_client(cli.webhook.kubeconfig.as_deref()).await?;
     // The gate that writes NodeAttestations also keeps them current.
     let reattest_metrics = ReattestMetrics::default();
     let metrics = Metrics::with_more(|registry| reattest_metrics.register(registry));

@@ -44,7 +44,7 @@ pub struct WebhookArgs {
     #[arg(long, env = "CONFIDENTIAL_WEBHOOK_TLS_KEY")]
     pub tls_key: PathBuf,
     /// How often to check the certificate files for new contents.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "CONFIDENTIAL_WEBHOOK_TLS_RELOAD_INTERVAL")]
+    #[arg(long, default_value = "10s", value_parser = confidential_api::duration::parse_flag, env = "CONFIDENTIAL_WEBHOOK_TLS_RELOAD_INTERVAL")]
     pub tls_reload_interval: Duration,
     /// Largest accepted request body, in bytes. A review carries the object
     /// and the old object (etcd allows 1.5 MiB each), plus the envelope.
@@ -63,30 +63,6 @@ pub struct WebhookArgs {
         env = "CONFIDENTIAL_WEBHOOK_EXEMPT_NAMESPACES"
     )]
     pub exempt_namespaces: Vec<String>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    confidential_api::duration::parse_duration(text)
-        .ok_or_else(|| format!("{text:?} is not a duration like 10s or 500ms"))
-}
-
-/// Builds a Kubernetes client from `kubeconfig` or the environment, with
-/// kube's silent retry of 429 responses turned off.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding a kubeconfig or in-cluster configuration")?,
-    };
-    config.default_retry = false;
-    Client::try_from(config).context("building Kubernetes client")
 }
 
 /// The HTTP routes, without TLS.
@@ -241,7 +217,7 @@ pub async fn start_with_metrics(
 
 /// Runs the webhook until the server stops.
 pub async fn run(args: WebhookArgs) -> Result<()> {
-    let client = client(args.kubeconfig.as_deref()).await?;
+    let client = confidential_startup::kube_client(args.kubeconfig.as_deref()).await?;
     let (_webhook, running) = start(client, &args).await?;
     running
         .task

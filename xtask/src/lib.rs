@@ -1,3 +1,5 @@
 //! Workspace tasks as a library, so tests can run them too.
 
+pub mod images;
 pub mod krew;
+pub mod node_image;

@@ -1,7 +1,12 @@
 //! Workspace tasks:
 //! - `cargo xtask gen-crds` writes `manifests/crds/` from the types in `api/`;
 //! - `cargo xtask krew --version vX.Y.Z --base-url URL --platform linux/amd64=PATH [--out DIR]`
-//!   writes the Krew archives and the plugin manifest (default `dist/`).
+//!   writes the Krew archives and the plugin manifest (default `dist/`);
+//! - `cargo xtask images [--out DIR] [--profile release|dev] [--no-build]` builds
+//!   the gate's and the operator's binaries and writes their OCI images
+//!   (layouts, archives, `images.json` with the digests; default `dist/`).
+//! - `cargo xtask node-image --version v1 [--out DIR] [--bootstrapper PATH]`
+//!   builds the node image UKI (default `target/node-image/`).
 
 use std::path::PathBuf;
 
@@ -50,13 +55,102 @@ fn krew(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn images(args: &[String]) -> Result<()> {
+    let mut out = PathBuf::from("dist");
+    let mut profile = "release".to_owned();
+    let mut build = true;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--no-build" => build = false,
+            "--out" => out = PathBuf::from(it.next().context("--out needs a directory")?),
+            "--profile" => profile = it.next().context("--profile needs a name")?.clone(),
+            other => bail!(
+                "unknown flag {other}; usage: cargo xtask images [--out DIR] [--profile release|dev] [--no-build]"
+            ),
+        }
+    }
+    let root = workspace_root();
+    if build {
+        let mut cargo =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(&root)
+            .args(["build", "--profile", &profile]);
+        for (_, package) in xtask::images::BINARIES {
+            cargo.args(["-p", package]);
+        }
+        let status = cargo.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --profile {profile} failed");
+        }
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let dir = target_dir.join(if profile == "dev" { "debug" } else { &profile });
+    let targets: Vec<xtask::images::Target> = xtask::images::BINARIES
+        .iter()
+        .map(|(name, _)| xtask::images::Target {
+            name: (*name).to_owned(),
+            binary: dir.join(name),
+        })
+        .collect();
+    let meta = xtask::images::workspace_meta(&root)?;
+    let file = xtask::images::build(&targets, &meta, &out)?;
+    for image in &file.images {
+        println!(
+            "{}  {}:{}  {}",
+            image.digest, image.name, image.tag, image.archive
+        );
+    }
+    println!("wrote {}", out.join("images.json").display());
+    Ok(())
+}
+
+fn node_image(args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    let mut version = None;
+    let mut out = root.join("target/node-image");
+    let mut bootstrapper = root.join("target/debug/confidential-bootstrapper");
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--version" => version = Some(value.parse::<xtask::node_image::ImageVersion>()?),
+            "--out" => out = PathBuf::from(value),
+            "--bootstrapper" => bootstrapper = PathBuf::from(value),
+            other => bail!("unknown flag {other}; see `cargo xtask help`"),
+        }
+    }
+    let version = version.context("--version is required (e.g. v1)")?;
+    if !bootstrapper.exists() {
+        bail!(
+            "{} is missing: run `cargo build -p confidential-bootstrapper` or pass --bootstrapper",
+            bootstrapper.display()
+        );
+    }
+    let inputs = xtask::node_image::NodeImageInputs::system(bootstrapper)?;
+    let uki = xtask::node_image::build(&version, &inputs, &out)?;
+    println!("wrote {}", uki.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("gen-crds") => gen_crds(),
         Some("krew") => krew(&args[1..]),
+        Some("images") => images(&args[1..]),
+        Some("node-image") => node_image(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR]"
+            "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR] \
+             | cargo xtask images [--out DIR] [--profile release|dev] [--no-build] \
+             | cargo xtask node-image --version vN [--out DIR] [--bootstrapper PATH]"
         ),
     }
 }

@@ -68,6 +68,14 @@ fn context(tcti: &str) -> Result<Context, IssuerError> {
     Ok(Context::new(conf)?)
 }
 
+/// Frees a transient object or session. A failure leaves it for the TPM's
+/// resource manager (or the next context) to reclaim, so it is only logged.
+fn flush(ctx: &mut Context, handle: tss_esapi::handles::ObjectHandle) {
+    if let Err(error) = ctx.flush_context(handle) {
+        tracing::debug!(%error, "could not flush a TPM handle");
+    }
+}
+
 fn ek_handle(ctx: &mut Context) -> Result<KeyHandle, IssuerError> {
     Ok(ek::create_ek_object(ctx, AsymmetricAlgorithm::Rsa, None)?)
 }
@@ -202,8 +210,8 @@ impl TpmIssuer {
             self.ak_public.clone(),
         )?;
         let result = f(&mut ctx, ek, ak);
-        let _ = ctx.flush_context(ak.into());
-        let _ = ctx.flush_context(ek.into());
+        flush(&mut ctx, ak.into());
+        flush(&mut ctx, ek.into());
         result
     }
 
@@ -330,8 +338,8 @@ impl TpmIssuer {
             ctx.set_sessions((Some(hmac), Some(policy), None));
             let out = ctx.activate_credential(ak, ek, blob, secret);
             ctx.clear_sessions();
-            let _ = ctx.flush_context(SessionHandle::from(hmac).into());
-            let _ = ctx.flush_context(SessionHandle::from(policy).into());
+            flush(ctx, SessionHandle::from(hmac).into());
+            flush(ctx, SessionHandle::from(policy).into());
             Ok(out?.value().to_vec())
         })
     }

@@ -330,7 +330,7 @@ mod tests {
             json!({ "spec": { "unschedulable": true, "taints": [
                 { "key": TAINT_UNATTESTED, "effect": "NoExecute" }] } }),
         )];
-        let atts = vec![attestation("a", "Untrusted", "2026-01-02T00:00:00Z")];
+        let atts = vec![attestation("a", "Revoked", "2026-01-02T00:00:00Z")];
         let observed = observed_of(&desired(), NOW, &nodes, &atts, &[], &[], BTreeMap::new());
         let a = &observed.nodes[0];
         assert!(a.attestation_invalid);

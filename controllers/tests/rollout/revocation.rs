@@ -127,9 +127,9 @@ async fn a_node_that_failed_reattestation_stays_revoked_when_renewed_and_is_repl
     node_version(&env, 3, RolloutStrategy::default()).await?;
     let ctl = controller(&env, Metrics::new(), "replica-a");
     settle_v1(&env, 3).await?;
-    // Re-attestation failed: the gate recorded an untrusted verdict.
+    // Re-attestation failed for longer than the grace: the gate revoked it.
     let failed = format!("{}-v1-0", env.pool);
-    tamper_attestation(&env, &failed, json!({ "verdict": "Untrusted" })).await?;
+    tamper_attestation(&env, &failed, json!({ "verdict": "Revoked" })).await?;
     wait_revoked_and_emptied(&env, &failed).await?;
     // A later attestation succeeding again does not lift the revocation: the
     // node is still replaced and the taint stays until it is gone.

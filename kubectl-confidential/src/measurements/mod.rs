@@ -9,7 +9,7 @@
 //! bytes interchangeably.
 
 mod fetch;
-mod policy;
+pub mod policy;
 mod publish;
 
 use std::path::{Path, PathBuf};
@@ -30,8 +30,18 @@ pub enum MeasurementsCommand {
         image: String,
         /// `PCR=COMPONENT[,COMPONENT...]`; a component is a file path or
         /// `sha256:<hex>`. Components are extended in the order given.
-        #[arg(long = "pcr", required = true, value_name = "PCR=COMPONENTS")]
+        #[arg(
+            long = "pcr",
+            required_unless_present = "uki",
+            conflicts_with = "uki",
+            value_name = "PCR=COMPONENTS"
+        )]
         pcrs: Vec<String>,
+        /// Predict the PCRs of a measured boot of this node image UKI
+        /// (`cargo xtask node-image`) under OVMF with a vTPM: firmware,
+        /// systemd-stub and kernel events replayed from the file alone.
+        #[arg(long, value_name = "FILE")]
+        uki: Option<PathBuf>,
         /// PCRs whose mismatch only warns.
         #[arg(long = "warn-only", value_name = "PCR")]
         warn_only: Vec<String>,
@@ -71,7 +81,21 @@ pub async fn run(connection: &ConnectionArgs, command: &MeasurementsCommand) -> 
     match command {
         MeasurementsCommand::Compute {
             image,
+            uki: Some(uki),
+            warn_only,
+            ..
+        } => {
+            let (file, notes) = publish::predict(image, uki, warn_only)?;
+            for note in notes {
+                eprintln!("{note}");
+            }
+            print!("{file}");
+            Ok(())
+        }
+        MeasurementsCommand::Compute {
+            image,
             pcrs,
+            uki: None,
             warn_only,
         } => {
             let file = publish::compute(image, pcrs, warn_only)?;

@@ -1,6 +1,7 @@
 //! What an image publisher runs: `compute` replays measured boot over the
 //! image's components (the same replay the firmware performs into the TPM)
-//! and prints the canonical measurement file; `sign` signs a file's bytes as
+//! and prints the canonical measurement file, or, given a UKI, predicts the
+//! whole measured boot from the file (`confidential_attestation::predict`); `sign` signs a file's bytes as
 //! `cosign sign-blob --key` would, after checking they are canonical (so what
 //! is on disk is exactly what is signed and what the cluster re-verifies).
 
@@ -11,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use confidential_attestation::measurements::{
     Expected, MeasurementFile, Measurements, component_digest, parse_pcr_index, replay,
 };
+use confidential_attestation::predict::{UNPREDICTABLE, predict_uki_boot};
 use p256::ecdsa::SigningKey;
 use p256::pkcs8::DecodePrivateKey;
 
@@ -52,6 +54,56 @@ pub fn compute(image: &str, pcrs: &[String], warn_only: &[String]) -> Result<Mea
         image: image.to_owned(),
         measurements: Measurements::new(values)?,
     })
+}
+
+/// Predicts the PCRs of a UKI's measured boot. Returns the file and notes for
+/// the publisher: which PCRs are enforced and why the firmware-internal ones
+/// (PCR 0, 1) are not in the file. `--warn-only` demotes predicted PCRs.
+pub fn predict(
+    image: &str,
+    uki: &Path,
+    warn_only: &[String],
+) -> Result<(MeasurementFile, Vec<String>)> {
+    let warn: Vec<u8> = warn_only
+        .iter()
+        .map(|p| parse_pcr_index(p))
+        .collect::<Result<_, _>>()
+        .context("--warn-only")?;
+    let bytes = std::fs::read(uki).with_context(|| format!("reading the UKI {}", uki.display()))?;
+    let prediction = predict_uki_boot(&bytes)
+        .with_context(|| format!("predicting the measured boot of {}", uki.display()))?;
+    let mut values = BTreeMap::new();
+    for (pcr, expected) in prediction.pcr_values() {
+        values.insert(
+            pcr,
+            Expected {
+                expected,
+                warn_only: warn.contains(&pcr),
+            },
+        );
+    }
+    if let Some(pcr) = warn.iter().find(|p| !values.contains_key(p)) {
+        bail!("--warn-only {pcr} names a PCR the prediction does not compute");
+    }
+    let mut notes = vec![format!(
+        "predicted from {}: PCRs {}",
+        uki.display(),
+        values
+            .keys()
+            .map(u8::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )];
+    for (pcr, reason) in UNPREDICTABLE {
+        notes.push(format!(
+            "PCR {pcr} is not in the file (not predictable from files): {reason}"
+        ));
+    }
+    let file = MeasurementFile {
+        image: image.to_owned(),
+        measurements: Measurements::new(values)?,
+    };
+    Ok((file, notes))
 }
 
 fn component(text: &str) -> Result<[u8; 32]> {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use confidential_attestation::evidence::Evidence;
 use confidential_attestation::protocol::AttestResponse;
-use confidential_attestation::tpm::verify_quote;
+use confidential_attestation::tpm::{VerifiedQuote, verify_quote};
 use serde::Serialize;
 
 use super::trust::{Trust, TrustedFile};
@@ -131,12 +131,67 @@ fn enforced_failures(checks: &[PcrCheck]) -> usize {
     checks.iter().filter(|c| c.enforced && !c.matches).count()
 }
 
-/// Judges one node.
+/// Judges one node: [`check_evidence`], then the AK against the gate's
+/// join-time record.
 pub fn check_node(answer: &NodeAnswer, trust: &Trust) -> NodeReport {
-    let (node, endpoint) = (answer.node.as_str(), answer.endpoint.as_str());
-    let (response, nonce) = match &answer.answer {
+    let (mut report, quote) = check_evidence(&answer.node, &answer.endpoint, &answer.answer, trust);
+    let Some(quote) = quote else {
+        return report;
+    };
+    report.ak_record = Some(match &answer.recorded_ak {
+        Some(recorded) if *recorded == quote.ak_fingerprint => AkRecord::Matches,
+        Some(recorded) => {
+            report.problems.push(format!(
+                "the node's attestation key {} is not the one the gate activated at join ({recorded}): \
+                 another machine answers for this node",
+                quote.ak_fingerprint
+            ));
+            AkRecord::Differs
+        }
+        None => {
+            report.problems.push(
+                "no NodeAttestation records this node's attestation key, so nothing ties it to a \
+                 certified TPM (the gate never admitted it)"
+                    .into(),
+            );
+            AkRecord::Missing
+        }
+    });
+    report.conclude();
+    report
+}
+
+impl NodeReport {
+    /// Trusted exactly when no problem was found.
+    pub fn conclude(&mut self) {
+        self.verdict = if self.problems.is_empty() {
+            Verdict::Trusted
+        } else {
+            Verdict::Untrusted
+        };
+    }
+}
+
+/// What `verify` and `recover` check alike on a node's answer to *our*
+/// connection (`nonce` is our end's): the name it answers as, the quote
+/// (signature, nonce, EK chain to `--ek-ca`), the PCRs against the trusted
+/// measurement files, the cluster-ID PCR. Returns the report (verdict still
+/// Untrusted: the caller concludes after its own AK check) and the verified
+/// quote when the evidence itself verified.
+pub fn check_evidence(
+    node: &str,
+    endpoint: &str,
+    answer: &Result<(AttestResponse, [u8; 32]), String>,
+    trust: &Trust,
+) -> (NodeReport, Option<VerifiedQuote>) {
+    let (response, nonce) = match answer {
         Ok(ok) => ok,
-        Err(e) => return NodeReport::failed(node, endpoint, format!("no attestation: {e}")),
+        Err(e) => {
+            return (
+                NodeReport::failed(node, endpoint, format!("no attestation: {e}")),
+                None,
+            );
+        }
     };
     let kind = response.evidence.evidence.kind().name().to_owned();
     let tpm = match &response.evidence.evidence {
@@ -149,7 +204,7 @@ pub fn check_node(answer: &NodeAnswer, trust: &Trust) -> NodeReport {
                     .into(),
             );
             report.evidence_kind = Some(kind);
-            return report;
+            return (report, None);
         }
     };
     let mut report = NodeReport::failed(node, endpoint, String::new());
@@ -168,7 +223,7 @@ pub fn check_node(answer: &NodeAnswer, trust: &Trust) -> NodeReport {
             report
                 .problems
                 .push(format!("evidence refused ({}): {e}", e.reason()));
-            return report;
+            return (report, None);
         }
     };
     report.ak_fingerprint = Some(quote.ak_fingerprint.clone());
@@ -230,29 +285,7 @@ pub fn check_node(answer: &NodeAnswer, trust: &Trust) -> NodeReport {
         });
     }
     report.cluster_id_pcr = Some(cluster_check);
-    report.ak_record = Some(match &answer.recorded_ak {
-        Some(recorded) if *recorded == quote.ak_fingerprint => AkRecord::Matches,
-        Some(recorded) => {
-            report.problems.push(format!(
-                "the node's attestation key {} is not the one the gate activated at join ({recorded}): \
-                 another machine answers for this node",
-                quote.ak_fingerprint
-            ));
-            AkRecord::Differs
-        }
-        None => {
-            report.problems.push(
-                "no NodeAttestation records this node's attestation key, so nothing ties it to a \
-                 certified TPM (the gate never admitted it)"
-                    .into(),
-            );
-            AkRecord::Missing
-        }
-    });
-    if report.problems.is_empty() {
-        report.verdict = Verdict::Trusted;
-    }
-    report
+    (report, Some(quote))
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@
 //! The cluster is asked only which nodes exist, where they listen and which
 //! AK the gate activated for each; it is never asked what to expect.
 
-mod check;
-mod render;
+pub(crate) mod check;
+pub(crate) mod render;
 pub mod trust;
 
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ use kube::api::{Api, ListParams};
 use crate::connection::{Cluster, ConnectionArgs};
 use crate::output::{Format, print_structured};
 use check::{NodeAnswer, NodeReport, Verdict, check_node};
-use trust::{ClusterFile, Trust, parse_hex32, read_ek_cas, read_signed_file};
+use trust::{ClusterFile, Trust, parse_hex32, read_ek_cas, read_signed_files};
 
 /// Annotation on a Node naming its attestation endpoint (`host:port`) when
 /// it is not `<InternalIP>:<--attest-port>`.
@@ -98,25 +98,11 @@ pub struct VerifyArgs {
 
 /// The local trust inputs, read and checked before anything is contacted.
 fn load_trust(args: &VerifyArgs) -> Result<Trust> {
-    if args.signature.is_some() && args.measurements.len() > 1 {
-        bail!(
-            "--signature applies to one --measurements file; put each file's signature in FILE.sig"
-        );
-    }
-    let key_pem = std::fs::read_to_string(&args.publisher_key)
-        .with_context(|| format!("reading the publisher key {}", args.publisher_key.display()))?;
-    let files = args
-        .measurements
-        .iter()
-        .map(|path| {
-            read_signed_file(
-                path,
-                args.signature.as_deref(),
-                &key_pem,
-                &args.publisher_key,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let files = read_signed_files(
+        &args.measurements,
+        args.signature.as_deref(),
+        &args.publisher_key,
+    )?;
     let cluster_id = match (&args.cluster_file, &args.cluster_id) {
         (Some(path), _) => {
             let file = ClusterFile::read(path)?;

@@ -33,49 +33,54 @@ fn row(check: &PcrCheck, label: &str) -> Vec<String> {
 
 pub fn print_reports(reports: &[NodeReport]) {
     for report in reports {
-        println!(
-            "NODE {} ({}): {}",
-            report.node,
-            report.endpoint,
-            verdict_word(report.verdict)
-        );
-        if let Some(kind) = &report.evidence_kind {
-            println!(
-                "  evidence: {kind}; image: {}",
-                report.image.as_deref().unwrap_or("-")
-            );
-        }
-        let mut rows: Vec<Vec<String>> = report.pcrs.iter().map(|c| row(c, "")).collect();
-        if let Some(cluster) = &report.cluster_id_pcr {
-            rows.push(row(cluster, " (cluster ID)"));
-        }
-        if !rows.is_empty() {
-            print_table(
-                &["  PCR", "EXPECTED", "ACTUAL", "MODE", "RESULT"],
-                &indent(rows),
-            );
-        }
-        if let (Some(ak), Some(record)) = (&report.ak_fingerprint, report.ak_record) {
-            let relation = match record {
-                AkRecord::Matches => "the AK the gate activated at join",
-                AkRecord::Differs => "NOT the AK the gate activated at join",
-                AkRecord::Missing => "not recorded by the gate",
-            };
-            println!("  attestation key {}: {relation}", short(ak));
-        }
-        for warning in &report.warnings {
-            println!("  warning: {warning}");
-        }
-        for problem in &report.problems {
-            println!("  problem: {problem}");
-        }
-        println!();
+        print_report(report);
     }
     let trusted = reports
         .iter()
         .filter(|r| r.verdict == Verdict::Trusted)
         .count();
     println!("{trusted}/{} nodes trusted", reports.len());
+}
+
+/// One node's header, PCR table, AK relation, warnings and problems.
+pub fn print_report(report: &NodeReport) {
+    println!(
+        "NODE {} ({}): {}",
+        report.node,
+        report.endpoint,
+        verdict_word(report.verdict)
+    );
+    if let Some(kind) = &report.evidence_kind {
+        println!(
+            "  evidence: {kind}; image: {}",
+            report.image.as_deref().unwrap_or("-")
+        );
+    }
+    let mut rows: Vec<Vec<String>> = report.pcrs.iter().map(|c| row(c, "")).collect();
+    if let Some(cluster) = &report.cluster_id_pcr {
+        rows.push(row(cluster, " (cluster ID)"));
+    }
+    if !rows.is_empty() {
+        print_table(
+            &["  PCR", "EXPECTED", "ACTUAL", "MODE", "RESULT"],
+            &indent(rows),
+        );
+    }
+    if let (Some(ak), Some(record)) = (&report.ak_fingerprint, report.ak_record) {
+        let relation = match record {
+            AkRecord::Matches => "the AK the gate activated at join",
+            AkRecord::Differs => "NOT the AK the gate activated at join",
+            AkRecord::Missing => "not recorded by the gate",
+        };
+        println!("  attestation key {}: {relation}", short(ak));
+    }
+    for warning in &report.warnings {
+        println!("  warning: {warning}");
+    }
+    for problem in &report.problems {
+        println!("  problem: {problem}");
+    }
+    println!();
 }
 
 fn indent(rows: Vec<Vec<String>>) -> Vec<Vec<String>> {

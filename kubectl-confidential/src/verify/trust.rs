@@ -29,6 +29,9 @@ pub struct ClusterFile {
     pub gate_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_pin: Option<String>,
+    /// The images `init` installed: repository -> digest.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<String, String>,
 }
 
 /// Parses 32 bytes of hex (a cluster ID, a pin).
@@ -125,6 +128,26 @@ pub fn read_signed_file(
         path: path.to_owned(),
         file,
     })
+}
+
+/// Reads the publisher key and every measurement file signed by it (each
+/// file's signature from `FILE.sig`, or `signature` for a single file).
+pub fn read_signed_files(
+    paths: &[PathBuf],
+    signature: Option<&str>,
+    publisher_key: &Path,
+) -> Result<Vec<TrustedFile>> {
+    if signature.is_some() && paths.len() > 1 {
+        bail!(
+            "--signature applies to one --measurements file; put each file's signature in FILE.sig"
+        );
+    }
+    let key_pem = std::fs::read_to_string(publisher_key)
+        .with_context(|| format!("reading the publisher key {}", publisher_key.display()))?;
+    paths
+        .iter()
+        .map(|path| read_signed_file(path, signature, &key_pem, publisher_key))
+        .collect()
 }
 
 /// Reads the PEM EK CA certificates.

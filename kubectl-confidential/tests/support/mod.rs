@@ -159,7 +159,8 @@ impl VerifyEnv {
             .control_plane
             .as_ref()
             .context("needs a private control plane")?;
-        let master = MasterSecret::new(vec![0x5a; 32], unique_name("salt").into_bytes())?;
+        let salt = unique_name("salt");
+        let master = MasterSecret::new(vec![0x5a; 32], salt.clone().into_bytes())?;
         // The gate's caches, watched as the binary watches them; the gate
         // answers once they hold the policy and the pool.
         let (stores, writers) = confidential_webhook::state::Stores::new();
@@ -222,6 +223,14 @@ impl VerifyEnv {
         )?;
         std::fs::write(d.join("publisher.pub"), public_pem(&publisher)?)?;
         std::fs::write(d.join("ek-ca.pem"), ca.issuer_pem()?)?;
+        // The admin's master secret file, in the format the gate reads.
+        std::fs::write(
+            d.join("master-secret.json"),
+            serde_json::to_vec(&json!({
+                "secret": hex::encode([0x5au8; 32]),
+                "salt": hex::encode(salt.as_bytes()),
+            }))?,
+        )?;
         std::fs::write(
             d.join("cluster.json"),
             serde_json::to_vec(&json!({

@@ -44,22 +44,11 @@ pub struct JoinArgs {
     pub attempts_per_minute: u32,
 }
 
-#[derive(serde::Deserialize)]
-struct MasterFile {
-    secret: String,
-    salt: String,
-}
-
 /// Reads a master secret file (`{"secret": hex, "salt": hex}`).
 pub fn read_master_secret(path: &Path) -> anyhow::Result<MasterSecret> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: MasterFile = serde_json::from_str(&text)
-        .with_context(|| format!("parsing master secret file {}", path.display()))?;
-    Ok(MasterSecret::new(
-        hex::decode(file.secret.trim()).context("secret is not hex")?,
-        hex::decode(file.salt.trim()).context("salt is not hex")?,
-    )?)
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    MasterSecret::from_file_json(&text)
+        .with_context(|| format!("parsing master secret file {}", path.display()))
 }
 
 /// The hex SHA-256 pin of the gate identity every replica derives from the

@@ -20,9 +20,11 @@ use kube::api::{Api, PostParams};
 use super::decide::{JoinPlan, Reason, Record, Refusal, api_kind};
 
 /// The key of state disk `disk_uuid` of the machine attesting as `identity`
-/// (HKDF-SHA256 of the master secret, info `key-disk-<identity>/<uuid>`).
+/// (HKDF-SHA256 of the master secret, info `key-disk-<identity>/<uuid>`):
+/// [`MasterSecret::node_disk_key`], the one derivation `kubectl confidential
+/// recover` also uses.
 pub fn disk_key(master: &MasterSecret, identity: &str, disk_uuid: &str) -> [u8; 32] {
-    master.disk_key(&format!("{identity}/{disk_uuid}"))
+    master.node_disk_key(identity, disk_uuid)
 }
 
 /// The NodeAttestation an admitted node gets, attested at `now`.

@@ -336,7 +336,6 @@ mod tests {
         let min_age = Duration::from_secs(30);
         assert!(is_due(&att(Verdict::Trusted, None), at(0), min_age));
         assert!(!is_due(&att(Verdict::Revoked, None), at(0), min_age));
-        assert!(!is_due(&att(Verdict::Untrusted, None), at(0), min_age));
         let recent = NodeAttestationStatus {
             last_verified: Some(Time(at(0))),
             ..Default::default()

@@ -30,7 +30,9 @@
 //! when present, else the Node's `InternalIP` and `--reattest-port`. The
 //! address is never trusted: whoever answers must quote with the recorded AK.
 
+mod args;
 pub mod decision;
+mod failure;
 pub mod metrics;
 pub mod trust;
 
@@ -49,7 +51,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use rand::Rng as _;
 use serde_json::json;
 
+pub use self::args::ReattestArgs;
 use self::decision::Decision;
+pub use self::failure::{Failure, SweepError};
 pub use self::metrics::ReattestMetrics;
 use self::trust::PolicyInForce;
 
@@ -60,120 +64,6 @@ pub const MAX_ANSWER_BYTES: usize = 256 * 1024;
 
 /// Interval when the policy sets none (the join path's default too).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-
-/// Flags of continuous re-attestation (flattened into the gate's flags).
-#[derive(clap::Args, Debug, Clone)]
-pub struct ReattestArgs {
-    /// Time between two re-attestation sweeps; `0s` turns re-attestation
-    /// off. Keep it well below the policy's `reattestationInterval`.
-    #[arg(long = "reattest-period", default_value = "5m", value_parser = parse_duration, env = "CONFIDENTIAL_REATTEST_PERIOD")]
-    pub period: Duration,
-    /// How long a node may fail re-attestation, or not answer, before its
-    /// attestation is revoked.
-    #[arg(long = "reattest-grace", default_value = "15m", value_parser = parse_duration, env = "CONFIDENTIAL_REATTEST_GRACE")]
-    pub grace: Duration,
-    /// Port of the nodes' attestation endpoint (the bootstrapper's
-    /// `--attest-listen`), used with the Node's InternalIP when the join
-    /// recorded no endpoint.
-    #[arg(
-        long = "reattest-port",
-        default_value_t = 9444,
-        env = "CONFIDENTIAL_REATTEST_PORT"
-    )]
-    pub port: u16,
-    /// Nodes re-verified at the same time.
-    #[arg(
-        long = "reattest-concurrency",
-        default_value_t = 16,
-        env = "CONFIDENTIAL_REATTEST_CONCURRENCY"
-    )]
-    pub concurrency: usize,
-    /// Bound on connecting to a node and receiving its evidence.
-    #[arg(long = "reattest-timeout", default_value = "10s", value_parser = parse_duration, env = "CONFIDENTIAL_REATTEST_TIMEOUT")]
-    pub timeout: Duration,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    confidential_api::duration::parse_duration(text)
-        .ok_or_else(|| format!("{text:?} is not a duration like 30s or 5m"))
-}
-
-/// Why one node's re-attestation failed. [`Failure::reason`] is the
-/// `Verified` condition's reason; [`Failure::code`] the metric label.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Failure {
-    #[error("no attestation endpoint: {0}")]
-    NoEndpoint(String),
-    #[error("node unreachable: {0}")]
-    Unreachable(String),
-    #[error("node's answer is not attestation evidence: {0}")]
-    BadAnswer(String),
-    #[error("{0}")]
-    ImageNotTrusted(String),
-    #[error("evidence refused ({reason}): {message}")]
-    Evidence {
-        reason: &'static str,
-        message: String,
-    },
-    #[error(
-        "the evidence is signed by AK {presented}, not by the AK {recorded} recorded at join: \
-         another machine answers for this node"
-    )]
-    AkMismatch { recorded: String, presented: String },
-    #[error("{0}")]
-    WrongNode(String),
-}
-
-impl Failure {
-    /// Stable, kebab-case code (metric label, logs).
-    pub fn code(&self) -> &'static str {
-        match self {
-            Failure::NoEndpoint(_) => "no-endpoint",
-            Failure::Unreachable(_) => "unreachable",
-            Failure::BadAnswer(_) => "bad-answer",
-            Failure::ImageNotTrusted(_) => "image-not-trusted",
-            Failure::Evidence { reason, .. } => reason,
-            Failure::AkMismatch { .. } => "ak-mismatch",
-            Failure::WrongNode(_) => "wrong-node",
-        }
-    }
-
-    /// CamelCase reason for conditions and Events (`pcr-mismatch` ->
-    /// `PcrMismatch`), as the Kubernetes API conventions want.
-    pub fn reason(&self) -> String {
-        self.code()
-            .split('-')
-            .map(|word| {
-                let mut chars = word.chars();
-                chars
-                    .next()
-                    .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
-                    .unwrap_or_default()
-            })
-            .collect()
-    }
-
-    /// Whether the node did not answer at all (as opposed to answering
-    /// with evidence that does not pass).
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, Failure::NoEndpoint(_) | Failure::Unreachable(_))
-    }
-}
-
-/// Why a whole sweep could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum SweepError {
-    #[error(
-        "AttestationPolicy {0} does not exist; no node can be re-verified (attestations lapse at their expiry)"
-    )]
-    NoPolicy(String),
-    #[error("AttestationPolicy {name} is unusable: {message}")]
-    BadPolicy { name: String, message: String },
-    #[error("Kubernetes API: {0}")]
-    Api(#[from] kube::Error),
-    #[error("aTLS client: {0}")]
-    Atls(#[from] atls::AtlsError),
-}
 
 /// Everything a sweep needs.
 #[derive(Clone)]

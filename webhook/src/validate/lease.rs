@@ -75,7 +75,7 @@ mod tests {
 
     fn untrusted() -> Arc<NodeAttestation> {
         let mut att = (*attestation("n1", 3600)).clone();
-        att.spec.verdict = Verdict::Untrusted;
+        att.spec.verdict = Verdict::Revoked;
         Arc::new(att)
     }
 

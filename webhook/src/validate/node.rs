@@ -270,7 +270,7 @@ mod tests {
 
     #[test]
     fn untrusted_verdict_is_refused() {
-        let atts = with_spec(|s| s.verdict = Verdict::Untrusted);
+        let atts = with_spec(|s| s.verdict = Verdict::Revoked);
         assert_eq!(decide(&node("n1", &[]), None, &atts).reason, "untrusted");
     }
 
@@ -398,7 +398,7 @@ mod tests {
     fn each_user_and_attestation_state() {
         let valid = vec![attestation("n1", 3600)];
         let expired = vec![attestation("n1", -1)];
-        let untrusted = with_spec(|s| s.verdict = Verdict::Untrusted);
+        let untrusted = with_spec(|s| s.verdict = Verdict::Revoked);
         let missing: Vec<Arc<NodeAttestation>> = vec![attestation("n2", 3600)];
         let states: [(&str, &[Arc<NodeAttestation>]); 4] = [
             ("valid", &valid),

@@ -342,9 +342,6 @@ mod tests {
     }
 
     #[test]
-    fn go_durations() {}
-
-    #[test]
     fn image_policy_validation() {
         let mut spec = ImagePolicySpec {
             mode: PolicyMode::Enforce,

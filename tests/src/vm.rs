@@ -1,0 +1,358 @@
+//! Confidential VMs for the test environment: QEMU/KVM (`-machine q35`)
+//! booting OVMF with its own swtpm as vTPM (EK certificate from the test's
+//! local CA, as [`crate::swtpm`] manufactures process nodes' TPMs), the node
+//! image UKI on an EFI system partition, the serial console in a file.
+//!
+//! The UKI is booted as `EFI/BOOT/BOOTX64.EFI` from a FAT ESP (QEMU's
+//! read-only `vvfat` view of a temporary directory), not with `-kernel`: that
+//! is how a real disk boots, so OVMF's boot manager loads it through the
+//! normal path and measures it (PCR 4, Authenticode), exactly as a cloud VM
+//! booting a node image would. `-kernel` would go through QEMU's fw_cfg
+//! loader instead, which real machines do not have.
+//!
+//! Everything a VM owns (the swtpm state, the OVMF variable store copy, the
+//! ESP, the console log) lives in one temporary directory removed on drop,
+//! after both processes were stopped by pid.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use tempfile::TempDir;
+
+use crate::ManagedProcess;
+use crate::swtpm::{SwtpmCa, manufacture};
+
+/// OVMF firmware code (Debian `ovmf`, 4 MiB variant with TPM 2 support).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// The template variable store each VM gets a private copy of.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Memory per VM.
+pub const VM_MEMORY_MIB: u32 = 512;
+
+/// The accelerator QEMU runs guests with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM (the default, and what a node runs on).
+    Kvm,
+    /// QEMU's emulator: the same firmware, TPM and measurements, 10-50x
+    /// slower; only when asked for explicitly (`CONFIDENTIAL_VM_ACCEL=tcg`),
+    /// for machines whose KVM cannot run guests.
+    Tcg,
+}
+
+/// Environment variable choosing the accelerator (`kvm`, the default, or `tcg`).
+pub const ACCEL_ENV: &str = "CONFIDENTIAL_VM_ACCEL";
+
+impl Accel {
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(ACCEL_ENV).as_deref() {
+            Err(_) | Ok("kvm") => Ok(Self::Kvm),
+            Ok("tcg") => Ok(Self::Tcg),
+            Ok(other) => bail!("{ACCEL_ENV}={other:?}: expected kvm or tcg"),
+        }
+    }
+
+    fn machine(self) -> &'static str {
+        match self {
+            Self::Kvm => "q35,accel=kvm",
+            Self::Tcg => "q35,accel=tcg",
+        }
+    }
+}
+
+/// Whether this machine can run KVM guests; the reason when it cannot.
+pub fn kvm_usable() -> std::result::Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm is not usable ({e})"))?;
+    for tool in ["qemu-system-x86_64", "swtpm"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            return Err(format!("{tool} is not installed (scripts/install-deps)"));
+        }
+    }
+    for file in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(file).exists() {
+            return Err(format!("{file} is missing (install ovmf)"));
+        }
+    }
+    Ok(())
+}
+
+/// A running VM with its vTPM.
+pub struct Vm {
+    // Dropped first (field order): QEMU, then swtpm, then the directory.
+    qemu: ManagedProcess,
+    swtpm: ManagedProcess,
+    dir: TempDir,
+    console: PathBuf,
+    started: Instant,
+}
+
+fn wait_for_path(path: &Path, process: &mut ManagedProcess, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        process.check_running()?;
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Manufactures a vTPM from `ca`, then boots `uki` under OVMF.
+    pub fn boot(ca: &SwtpmCa, uki: &Path, accel: Accel) -> Result<Self> {
+        if accel == Accel::Kvm {
+            kvm_usable().map_err(|reason| anyhow::anyhow!("cannot boot a VM: {reason}"))?;
+        }
+        let dir = tempfile::Builder::new().prefix("vm-").tempdir()?;
+        let d = dir.path();
+        let state = d.join("tpm");
+        manufacture(ca, &state)?;
+        let esp = d.join("esp/EFI/BOOT");
+        std::fs::create_dir_all(&esp)?;
+        std::fs::copy(uki, esp.join("BOOTX64.EFI"))
+            .with_context(|| format!("copying {} to the ESP", uki.display()))?;
+        let vars = d.join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).context("copying the OVMF variable store")?;
+
+        let socket = d.join("swtpm.sock");
+        let mut swtpm_cmd = Command::new("swtpm");
+        swtpm_cmd
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", socket.display()))
+            .arg("--terminate");
+        let mut swtpm = ManagedProcess::spawn("swtpm (vTPM)", swtpm_cmd, &d.join("swtpm.log"))?;
+        wait_for_path(&socket, &mut swtpm, Duration::from_secs(10))?;
+
+        let console = d.join("console.log");
+        let mut qemu_cmd = Command::new("qemu-system-x86_64");
+        qemu_cmd
+            .args(["-machine", accel.machine(), "-smp", "1"])
+            .args(match accel {
+                Accel::Kvm => &["-cpu", "host"][..],
+                Accel::Tcg => &[][..],
+            })
+            .args(["-m", &format!("{VM_MEMORY_MIB}M")])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-chardev")
+            .arg(format!("socket,id=chrtpm,path={}", socket.display()))
+            .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
+            .args(["-device", "tpm-crb,tpmdev=tpm0"])
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=esp,format=raw,readonly=on,file=fat:{}",
+                d.join("esp").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=esp,bootindex=0"])
+            // User-mode networking with no route out (restrict=on); no
+            // option ROM, so nothing but firmware code runs before the UKI.
+            .args(["-netdev", "user,id=net0,restrict=on"])
+            .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()));
+        let started = Instant::now();
+        let qemu = ManagedProcess::spawn("qemu", qemu_cmd, &d.join("qemu.log"))?;
+        tracing::info!(dir = %d.display(), "VM started");
+        Ok(Self {
+            qemu,
+            swtpm,
+            dir,
+            console,
+            started,
+        })
+    }
+
+    /// The serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the console contains `needle`; returns the time since start.
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            self.qemu.check_running().with_context(|| {
+                format!("QEMU stopped; console:\n{}", tail(&self.console(), 40))
+            })?;
+            self.swtpm.check_running()?;
+            let qemu_log = std::fs::read_to_string(self.qemu.log_path()).unwrap_or_default();
+            if qemu_log.contains("KVM internal error") {
+                bail!(
+                    "KVM cannot run this guest on this machine (nested virtualization?): {}; \
+                     set {ACCEL_ENV}=tcg to boot with QEMU's emulator instead",
+                    qemu_log.lines().take(3).collect::<Vec<_>>().join(" / ")
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no {needle:?} on the VM console within {timeout:?}; console:\n{}",
+                    tail(&self.console(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the QEMU process (kB), from /proc.
+    pub fn qemu_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.qemu.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// What the node image's init printed about its boot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BootReport {
+    /// The image version (`/etc/node-image-version`).
+    pub version: String,
+    /// Seconds since the kernel started when init ran (`/proc/uptime`).
+    pub kernel_seconds: f64,
+    /// SHA-256 PCR values as the kernel read them from the vTPM.
+    pub pcrs: BTreeMap<u8, [u8; 32]>,
+    /// The firmware's event log (`binary_bios_measurements`).
+    pub event_log: Vec<u8>,
+}
+
+const PREFIX: &str = "node-image: ";
+
+impl BootReport {
+    /// Parses the console lines the init script prints (`node-image: ...`);
+    /// fails unless both the PCRs and the event log were printed completely.
+    pub fn parse(console: &str) -> Result<Self> {
+        let mut version = None;
+        let mut kernel_seconds = None;
+        let mut pcrs = BTreeMap::new();
+        let mut log_b64 = String::new();
+        let (mut pcrs_done, mut log_done) = (false, false);
+        for line in console.lines() {
+            let Some(rest) = line
+                .trim_end_matches('\r')
+                .split_once(PREFIX)
+                .map(|(_, r)| r)
+            else {
+                continue;
+            };
+            if let Some(init) = rest.strip_prefix("init running ") {
+                for field in init.split_whitespace() {
+                    if let Some(v) = field.strip_prefix("version=") {
+                        version = Some(v.to_owned());
+                    } else if let Some(u) = field.strip_prefix("uptime=") {
+                        kernel_seconds = u.parse::<f64>().ok();
+                    }
+                }
+            } else if let Some(pcr) = rest.strip_prefix("pcr sha256 ") {
+                let (index, value) = pcr.split_once(' ').context("malformed PCR line")?;
+                let index: u8 = index.parse().context("PCR index")?;
+                let bytes = hex::decode(value.trim())
+                    .with_context(|| format!("PCR {index} value {value:?} is not hex"))?;
+                let value = <[u8; 32]>::try_from(bytes)
+                    .map_err(|_| anyhow::anyhow!("PCR {index} is not 32 bytes"))?;
+                pcrs.insert(index, value);
+            } else if rest == "END PCRS" {
+                pcrs_done = true;
+            } else if let Some(chunk) = rest.strip_prefix("eventlog ") {
+                log_b64.push_str(chunk.trim());
+            } else if rest == "END EVENTLOG" {
+                log_done = true;
+            }
+        }
+        if !pcrs_done || pcrs.len() != 24 {
+            bail!("the console has {} of 24 PCR values", pcrs.len());
+        }
+        if !log_done {
+            bail!("the console has no complete event log");
+        }
+        let event_log = base64::engine::general_purpose::STANDARD
+            .decode(log_b64)
+            .context("event log is not base64")?;
+        Ok(Self {
+            version: version.context("init did not print its version")?,
+            kernel_seconds: kernel_seconds.context("init did not print the uptime")?,
+            pcrs,
+            event_log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(pcrs: u8, log_end: bool) -> String {
+        let mut text =
+            String::from("BdsDxe: starting\r\nnode-image: init running version=v1 uptime=3.84\n");
+        text.push_str("node-image: BEGIN PCRS\n");
+        for i in 0..pcrs {
+            text.push_str(&format!("node-image: pcr sha256 {i} {}\n", "AB".repeat(32)));
+        }
+        text.push_str("node-image: END PCRS\nnode-image: BEGIN EVENTLOG\n");
+        text.push_str("node-image: eventlog AAEC\nnode-image: eventlog Aw==\n");
+        if log_end {
+            text.push_str("node-image: END EVENTLOG\n");
+        }
+        text
+    }
+
+    #[test]
+    fn boot_report_reads_what_init_printed() {
+        let report = BootReport::parse(&console(24, true)).expect("complete console");
+        assert_eq!(report.version, "v1");
+        assert_eq!(report.kernel_seconds, 3.84);
+        assert_eq!(report.pcrs.len(), 24);
+        assert_eq!(report.pcrs[&23], [0xab; 32]);
+        assert_eq!(report.event_log, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn boot_report_refuses_an_incomplete_console() {
+        assert!(
+            BootReport::parse(&console(23, true)).is_err(),
+            "a PCR missing"
+        );
+        assert!(
+            BootReport::parse(&console(24, false)).is_err(),
+            "event log cut off"
+        );
+        let bad = console(24, true).replace(&"AB".repeat(32), "not hex");
+        assert!(BootReport::parse(&bad).is_err(), "PCR not hex");
+    }
+}

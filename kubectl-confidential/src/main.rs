@@ -77,7 +77,10 @@ async fn main() -> Result<()> {
     // kube's client logs every failed request at ERROR; the plugin reports
     // each failure itself, with what to do next, so those stay off unless
     // RUST_LOG asks for them.
-    confidential_startup::init("warn,kube_client=off", confidential_startup::LogFormat::Text);
+    confidential_startup::init(
+        "warn,kube_client=off",
+        confidential_startup::LogFormat::Text,
+    );
     match &cli.command {
         Command::Measurements(command) => measurements::run(&cli.connection, command).await,
         Command::Status(args) => status::run(&cli.connection.client().await?, args).await,

@@ -193,6 +193,7 @@ async fn main() -> Result<()> {
         Ok::<_, anyhow::Error>(json!({
             "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
             "note": "client, server and control plane share the same cores",
+            "profile": if cfg!(debug_assertions) { "dev" } else { "bench (release)" },
             "direct": direct,
             "end_to_end_pod_create": e2e,
             "server_peak_rss_kib": final_peak,

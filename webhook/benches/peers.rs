@@ -488,6 +488,7 @@ async fn run(
     Ok(json!({
         "benchmark": "peers",
         "peer": format!("kyverno v{KYVERNO_VERSION}"),
+        "profile": if cfg!(debug_assertions) { "dev" } else { "bench (release)" },
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "note": "client, both servers and the control plane share the same cores"},
         "options": {"rounds": opts.rounds, "seconds_per_round": opts.seconds, "connections": opts.connections},
         "decisions": decisions,

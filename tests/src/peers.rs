@@ -40,8 +40,8 @@ use serde_json::json;
 
 use crate::binaries::cache_dir;
 use crate::controlplane::free_port;
+use crate::install_crds;
 use crate::process::ManagedProcess;
-use crate::{eventually, install_crds};
 
 /// Kyverno release built for the side-by-side benchmarks.
 pub const KYVERNO_VERSION: &str = "1.19.1";
@@ -255,36 +255,35 @@ impl Kyverno {
                 "kyverno-admission-controller",
             )
             .env("KYVERNO_DEPLOYMENT", "kyverno-admission-controller")
-            .env("KYVERNO_SVC", "kyverno-svc");
+            .env("KYVERNO_SVC", "kyverno-svc")
+            // Required at startup (names of its ConfigMaps), even though
+            // Kyverno has defaults for both.
+            .env("INIT_CONFIG", "kyverno")
+            .env("METRICS_CONFIG", "kyverno-metrics");
         let mut process =
             ManagedProcess::spawn("kyverno", command, &dir.path().join("kyverno.log"))?;
 
+        // Kyverno creates its CA as leader; fail as soon as it exits.
         let secrets: Api<Secret> = Api::namespaced(client.clone(), KYVERNO_NAMESPACE);
-        let ca_pem = {
-            let secrets = secrets.clone();
-            eventually(
-                "Kyverno created its CA",
-                Duration::from_secs(180),
-                move || {
-                    let secrets = secrets.clone();
-                    async move {
-                        Ok(secrets
-                            .get_opt(CA_SECRET)
-                            .await?
-                            .and_then(|s| s.data)
-                            .and_then(|d| d.get("tls.crt").cloned())
-                            .and_then(|b| String::from_utf8(b.0).ok()))
-                    }
-                },
-            )
-            .await
-        };
-        let ca_pem = match ca_pem {
-            Ok(pem) => pem,
-            Err(e) => {
-                process.check_running()?;
-                return Err(e.context(format!("Kyverno log tail:\n{}", process.log_tail(30))));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        let ca_pem = loop {
+            process.check_running()?;
+            let ca = secrets
+                .get_opt(CA_SECRET)
+                .await?
+                .and_then(|s| s.data)
+                .and_then(|d| d.get("tls.crt").cloned())
+                .and_then(|b| String::from_utf8(b.0).ok());
+            if let Some(pem) = ca {
+                break pem;
             }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "Kyverno created no CA Secret {CA_SECRET} within 180 s; log tail:\n{}",
+                    process.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         };
         process.check_running()?;
         Ok(Self {

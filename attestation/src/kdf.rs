@@ -55,6 +55,18 @@ impl std::fmt::Debug for MasterSecret {
     }
 }
 
+/// Whether `s` is a disk UUID as the node names it: 8-4-4-4-12 hex digits.
+/// A disk key is derived from it, so anything else is refused rather than
+/// derived for (the node checks its own flag, `recover` the node's claim).
+pub fn is_valid_disk_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 impl MasterSecret {
     pub fn new(secret: Vec<u8>, salt: Vec<u8>) -> Result<Self, KdfError> {
         if secret.len() < MIN_MASTER_SECRET {

@@ -240,7 +240,7 @@ impl Args {
         if !confidential_api::keys::is_valid_node_name(&self.node_name) {
             return Err(ConfigError::NodeName(self.node_name));
         }
-        if !valid_uuid(&self.disk_uuid) {
+        if !confidential_attestation::kdf::is_valid_disk_uuid(&self.disk_uuid) {
             return Err(ConfigError::DiskUuid(self.disk_uuid));
         }
         let cluster_id_state = self
@@ -312,16 +312,6 @@ fn valid_endpoint(e: &str) -> bool {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
         None => false,
     }
-}
-
-/// 8-4-4-4-12 hex digits.
-fn valid_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

@@ -12,16 +12,7 @@ use confidential_attestation::verify::BoundVerdict;
 use crate::verify::check::{NodeReport, check_evidence};
 use crate::verify::trust::Trust;
 
-/// 8-4-4-4-12 hex digits: the disk UUID the node names (its key is derived
-/// from it, so a malformed one is refused rather than derived for).
-pub fn valid_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
+use confidential_attestation::kdf::is_valid_disk_uuid;
 
 /// Judges the node's offer, bound to `nonce` (our end of the connection),
 /// against local trust. `expected_node`: the name the admin expects, if any.
@@ -41,7 +32,7 @@ pub fn judge_offer(
         &Ok((offer.attestation.clone(), nonce)),
         trust,
     );
-    if !valid_uuid(&offer.disk_uuid) {
+    if !is_valid_disk_uuid(&offer.disk_uuid) {
         report.problems.push(format!(
             "the node names disk {:?}, which is not a UUID",
             offer.disk_uuid
@@ -176,14 +167,14 @@ mod tests {
 
     #[test]
     fn uuid_format() {
-        assert!(valid_uuid(UUID));
+        assert!(is_valid_disk_uuid(UUID));
         for bad in [
             "",
             "5e1f0000",
             "5e1f0000-0000-4000-8000-00000000000g",
             "a/b-c-d-e",
         ] {
-            assert!(!valid_uuid(bad), "{bad}");
+            assert!(!is_valid_disk_uuid(bad), "{bad}");
         }
     }
 }

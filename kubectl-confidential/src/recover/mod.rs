@@ -32,7 +32,7 @@ use serde::Serialize;
 use crate::output::{Format, print_structured};
 use crate::verify::check::NodeReport;
 use crate::verify::render;
-use crate::verify::trust::{ClusterFile, Trust, parse_hex32, read_ek_cas, read_signed_files};
+use crate::verify::trust::{ClusterFile, Trust, TrustArgs, parse_hex32};
 
 const PROVES: &str = "\
 Before anything secret is sent, the node must answer on a TLS connection opened \
@@ -47,6 +47,8 @@ node or the cluster.";
 #[derive(clap::Args, Debug)]
 #[command(after_long_help = PROVES)]
 pub struct RecoverArgs {
+    #[command(flatten)]
+    trust: TrustArgs,
     /// The node's recovery endpoint (`host:port`), served by its
     /// bootstrapper with --recovery-listen when it cannot reach the gate.
     #[arg(long)]
@@ -62,22 +64,6 @@ pub struct RecoverArgs {
     /// one the master secret derives.
     #[arg(long, value_name = "FILE")]
     cluster_file: Option<PathBuf>,
-    /// Publisher-signed measurement file of a trusted node image
-    /// (repeatable); its signature is read from FILE.sig unless --signature.
-    #[arg(long = "measurements", value_name = "FILE", required = true)]
-    measurements: Vec<PathBuf>,
-    /// Signature of the (single) measurement file: base64, or @FILE.
-    #[arg(long)]
-    signature: Option<String>,
-    /// The image publisher's public key (PEM).
-    #[arg(long, value_name = "FILE")]
-    publisher_key: PathBuf,
-    /// PEM certificates of the TPM EK CAs to trust (repeatable).
-    #[arg(long = "ek-ca", value_name = "FILE", required = true)]
-    ek_ca: Vec<PathBuf>,
-    /// The PCR the nodes extend with the cluster ID.
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(0..=23))]
-    cluster_id_pcr: u8,
     /// Seconds the whole exchange with the node may take.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -141,16 +127,7 @@ fn load(args: &RecoverArgs) -> Result<(MasterSecret, Trust)> {
             );
         }
     }
-    let trust = Trust {
-        files: read_signed_files(
-            &args.measurements,
-            args.signature.as_deref(),
-            &args.publisher_key,
-        )?,
-        cluster_id,
-        cluster_id_pcr: args.cluster_id_pcr,
-        ek_cas: read_ek_cas(&args.ek_ca)?,
-    };
+    let trust = args.trust.load(cluster_id)?;
     Ok((master, trust))
 }
 

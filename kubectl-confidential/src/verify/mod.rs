@@ -28,7 +28,7 @@ use kube::api::{Api, ListParams};
 use crate::connection::{Cluster, ConnectionArgs};
 use crate::output::{Format, print_structured};
 use check::{NodeAnswer, NodeReport, Verdict, check_node};
-use trust::{ClusterFile, Trust, parse_hex32, read_ek_cas, read_signed_files};
+use trust::{ClusterFile, Trust, TrustArgs, parse_hex32};
 
 /// Annotation on a Node naming its attestation endpoint (`host:port`) when
 /// it is not `<InternalIP>:<--attest-port>`.
@@ -52,22 +52,14 @@ from the cluster.";
 #[command(group(clap::ArgGroup::new("node_selection").required(true).args(["node", "all_nodes"])))]
 #[command(group(clap::ArgGroup::new("cluster_identity").required(true).args(["cluster_file", "cluster_id"])))]
 pub struct VerifyArgs {
+    #[command(flatten)]
+    trust: TrustArgs,
     /// Node to verify (repeatable).
     #[arg(long)]
     node: Vec<String>,
     /// Verify every Node of the cluster, in parallel.
     #[arg(long)]
     all_nodes: bool,
-    /// Publisher-signed measurement file of a trusted node image
-    /// (repeatable); its signature is read from FILE.sig unless --signature.
-    #[arg(long = "measurements", value_name = "FILE", required = true)]
-    measurements: Vec<PathBuf>,
-    /// Signature of the (single) measurement file: base64, or @FILE.
-    #[arg(long)]
-    signature: Option<String>,
-    /// The image publisher's public key (PEM, as `cosign generate-key-pair` writes it).
-    #[arg(long, value_name = "FILE")]
-    publisher_key: PathBuf,
     /// The local cluster file written by `init`:
     /// {"clusterId": "<hex>", "gateEndpoint": "host:port", "gatePin": "<hex>"}.
     #[arg(long, value_name = "FILE")]
@@ -75,12 +67,6 @@ pub struct VerifyArgs {
     /// The cluster ID (64 hex digits) instead of --cluster-file.
     #[arg(long, value_name = "HEX")]
     cluster_id: Option<String>,
-    /// PEM certificates of the TPM EK CAs to trust (repeatable).
-    #[arg(long = "ek-ca", value_name = "FILE", required = true)]
-    ek_ca: Vec<PathBuf>,
-    /// The PCR the nodes extend with the cluster ID.
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(0..=23))]
-    cluster_id_pcr: u8,
     /// Port of the nodes' attestation endpoint (unless a Node carries the
     /// confidential.dev/attest-endpoint annotation).
     #[arg(long, default_value_t = DEFAULT_ATTEST_PORT)]
@@ -98,11 +84,6 @@ pub struct VerifyArgs {
 
 /// The local trust inputs, read and checked before anything is contacted.
 fn load_trust(args: &VerifyArgs) -> Result<Trust> {
-    let files = read_signed_files(
-        &args.measurements,
-        args.signature.as_deref(),
-        &args.publisher_key,
-    )?;
     let cluster_id = match (&args.cluster_file, &args.cluster_id) {
         (Some(path), _) => {
             let file = ClusterFile::read(path)?;
@@ -111,12 +92,7 @@ fn load_trust(args: &VerifyArgs) -> Result<Trust> {
         (None, Some(hex_id)) => parse_hex32("--cluster-id", hex_id)?,
         (None, None) => bail!("pass --cluster-file or --cluster-id"),
     };
-    Ok(Trust {
-        files,
-        cluster_id,
-        cluster_id_pcr: args.cluster_id_pcr,
-        ek_cas: read_ek_cas(&args.ek_ca)?,
-    })
+    args.trust.load(cluster_id)
 }
 
 /// Where a Node's attestation endpoint listens.

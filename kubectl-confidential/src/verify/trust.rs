@@ -66,6 +66,46 @@ pub struct TrustedFile {
     pub file: MeasurementFile,
 }
 
+/// The local trust inputs `verify` and `recover` share: what a node must
+/// have booted (publisher-signed measurement files) and which TPMs count
+/// (EK CAs). Never read from the cluster or the node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrustArgs {
+    /// Publisher-signed measurement file of a trusted node image
+    /// (repeatable); its signature is read from FILE.sig unless --signature.
+    #[arg(long = "measurements", value_name = "FILE", required = true)]
+    pub measurements: Vec<PathBuf>,
+    /// Signature of the (single) measurement file: base64, or @FILE.
+    #[arg(long)]
+    pub signature: Option<String>,
+    /// The image publisher's public key (PEM, as `cosign generate-key-pair` writes it).
+    #[arg(long, value_name = "FILE")]
+    pub publisher_key: PathBuf,
+    /// PEM certificates of the TPM EK CAs to trust (repeatable).
+    #[arg(long = "ek-ca", value_name = "FILE", required = true)]
+    pub ek_ca: Vec<PathBuf>,
+    /// The PCR the nodes extend with the cluster ID.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(0..=23))]
+    pub cluster_id_pcr: u8,
+}
+
+impl TrustArgs {
+    /// Reads and checks the files (signatures verified here) into the
+    /// [`Trust`] nodes of the cluster `cluster_id` are compared with.
+    pub fn load(&self, cluster_id: [u8; 32]) -> Result<Trust> {
+        Ok(Trust {
+            files: read_signed_files(
+                &self.measurements,
+                self.signature.as_deref(),
+                &self.publisher_key,
+            )?,
+            cluster_id,
+            cluster_id_pcr: self.cluster_id_pcr,
+            ek_cas: read_ek_cas(&self.ek_ca)?,
+        })
+    }
+}
+
 /// Everything `verify` compares the nodes' evidence with.
 #[derive(Debug, Clone)]
 pub struct Trust {

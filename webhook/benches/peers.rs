@@ -140,13 +140,34 @@ async fn install_kyverno_policies(client: &kube::Client) -> Result<()> {
             .as_str()
             .context("policy without name")?
             .to_owned();
-        api.patch(
-            &name,
-            &PatchParams::apply("bench").force(),
-            &Patch::Apply(&policy),
+        // Kyverno's own policy webhook answers with a TLS error until its
+        // certificate controller has issued its serving certificate: retry
+        // the apply until it goes through.
+        eventually(
+            &format!("ClusterPolicy {name} accepted"),
+            Duration::from_secs(180),
+            || {
+                let (api, name, policy) = (api.clone(), name.clone(), policy.clone());
+                async move {
+                    match api
+                        .patch(
+                            &name,
+                            &PatchParams::apply("bench").force(),
+                            &Patch::Apply(&policy),
+                        )
+                        .await
+                    {
+                        Ok(_) => Ok(Some(())),
+                        Err(kube::Error::Api(status)) if status.code == 500 => Ok(None),
+                        Err(e) => {
+                            Err(anyhow::Error::new(e)
+                                .context(format!("applying ClusterPolicy {name}")))
+                        }
+                    }
+                }
+            },
         )
-        .await
-        .with_context(|| format!("applying ClusterPolicy {name}"))?;
+        .await?;
         eventually(
             &format!("ClusterPolicy {name} Ready"),
             Duration::from_secs(120),

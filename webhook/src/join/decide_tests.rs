@@ -5,14 +5,14 @@
 use std::collections::BTreeMap;
 
 use confidential_api::{
-    AttestationPolicySpec, MeasuredImage, Measurement, NodeAttestationSpec, NodeVersionSpec,
-    PublisherKey, TpmTrust, Verdict as ApiVerdict,
+    AttestationPolicySpec, MeasuredImage, NodeAttestationSpec, NodeVersionSpec, PublisherKey,
+    TpmTrust, Verdict as ApiVerdict,
 };
 use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
-use crate::validate::fixtures::{public_pem, signing_key};
+use crate::validate::fixtures::{public_pem, signed_entry_with, signing_key};
 use crate::verify::measurement_file;
 
 pub const NONCE: [u8; 32] = [0x11; 32];
@@ -33,23 +33,7 @@ pub fn image_pcr4() -> String {
 /// An entry for `image` expecting `pcr4`, signed by key seed `signer`, naming
 /// publisher `acme`.
 pub fn entry(image: &str, pcr4: &str, signer: u8) -> MeasuredImage {
-    let mut entry = MeasuredImage {
-        image: image.to_owned(),
-        snp: None,
-        measurements: BTreeMap::from([(
-            "4".to_owned(),
-            Measurement {
-                expected: pcr4.to_owned(),
-                warn_only: false,
-            },
-        )]),
-        publisher: "acme".to_owned(),
-        signature: String::new(),
-    };
-    entry.signature = measurement_file(&entry)
-        .expect("valid")
-        .sign(&signing_key(signer));
-    entry
+    signed_entry_with(image, &[("4", pcr4, false)], &signing_key(signer))
 }
 
 /// Policy `default` (rv 1) trusting the fixture's EK CA and publisher acme

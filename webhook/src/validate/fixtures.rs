@@ -31,24 +31,31 @@ pub fn public_pem(key: &SigningKey) -> String {
 
 /// An entry for `image` with PCR 4 enforced and PCR 9 warnOnly, signed by `key`.
 pub fn signed_entry(image: &str, key: &SigningKey) -> MeasuredImage {
-    let mut measurements = BTreeMap::new();
-    measurements.insert(
-        "4".to_owned(),
-        Measurement {
-            expected: PCR4.to_owned(),
-            warn_only: false,
-        },
-    );
-    measurements.insert(
-        "9".to_owned(),
-        Measurement {
-            expected: PCR9.to_owned(),
-            warn_only: true,
-        },
-    );
+    signed_entry_with(image, &[("4", PCR4, false), ("9", PCR9, true)], key)
+}
+
+/// An entry of publisher `acme` for `image` with `(pcr, expected hex,
+/// warnOnly)` measurements, signed by `key`: the one way the webhook's tests
+/// sign a measured image.
+pub fn signed_entry_with(
+    image: &str,
+    measurements: &[(&str, &str, bool)],
+    key: &SigningKey,
+) -> MeasuredImage {
     let mut entry = MeasuredImage {
         image: image.to_owned(),
-        measurements,
+        measurements: measurements
+            .iter()
+            .map(|(pcr, expected, warn_only)| {
+                (
+                    (*pcr).to_owned(),
+                    Measurement {
+                        expected: (*expected).to_owned(),
+                        warn_only: *warn_only,
+                    },
+                )
+            })
+            .collect(),
         snp: None,
         publisher: "acme".to_owned(),
         signature: String::new(),

@@ -30,6 +30,28 @@ fn tail(name: &str, n: usize, mut f: impl FnMut()) {
         p(0.99),
         samples[n - 1]
     );
+    // One JSON file per measurement under benches/results/ (criterion keeps
+    // its own under target/criterion/).
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    let result = serde_json::json!({
+        "benchmark": name,
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "samples": n,
+        "p50_us": micros(p(0.50)),
+        "p99_us": micros(p(0.99)),
+        "max_us": micros(samples[n - 1]),
+        "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_vec_pretty(&result).unwrap_or_default(),
+        )
+    });
+    if let Err(error) = written {
+        eprintln!("{name}: could not write its JSON result: {error}");
+    }
 }
 
 fn tpm(c: &mut Criterion) {

@@ -19,7 +19,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 /// The non-root user and group the images run as (distroless' `nonroot`).
@@ -98,32 +98,6 @@ pub struct Image {
     pub layer: Blob,
     pub config: Blob,
     pub manifest: Blob,
-}
-
-/// The library paths `ldd` printed (`name => /path (addr)` or
-/// `/path (addr)`); the vDSO has no file. A library `ldd` could not find is
-/// an error: the image would not start.
-pub fn parse_ldd(output: &str) -> Result<Vec<PathBuf>> {
-    let mut libs = Vec::new();
-    for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if line.contains("not found") {
-            bail!("ldd cannot find a library: {line}");
-        }
-        if line.contains("statically linked") {
-            continue;
-        }
-        let target = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim(),
-            None => line,
-        };
-        let path = target.split_whitespace().next().unwrap_or("");
-        if path.starts_with('/') {
-            libs.push(PathBuf::from(path));
-        }
-    }
-    libs.sort();
-    libs.dedup();
-    Ok(libs)
 }
 
 /// Every parent directory of the files, sorted (`etc/`, `lib/`, ...).
@@ -338,12 +312,10 @@ pub fn image_files(name: &str, binary: &Path) -> Result<Vec<LayerFile>> {
         mode: 0o755,
         contents: std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?,
     });
-    let ldd = std::process::Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("running ldd (Debian's libc-bin)")?;
-    let text = String::from_utf8_lossy(&ldd.stdout);
-    for lib in parse_ldd(&text)? {
+    let mut libraries = crate::ldd::libraries(binary)?;
+    libraries.sort();
+    libraries.dedup();
+    for lib in libraries {
         let contents = std::fs::read(&lib)
             .with_context(|| format!("reading the shared library {}", lib.display()))?;
         files.push(LayerFile {
@@ -482,25 +454,6 @@ pub const BINARIES: [(&str, &str); 2] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ldd_output_lists_library_files_only() {
-        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x7f0)\n\
-                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7f1)\n\
-                   \t/lib64/ld-linux-x86-64.so.2 (0x7f2)\n";
-        assert_eq!(
-            parse_ldd(out).expect("parses"),
-            [
-                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
-            ]
-        );
-        assert!(parse_ldd("\tstatically linked\n").expect("ok").is_empty());
-        let err = parse_ldd("\tlibtss2-esys.so.0 => not found\n").expect_err("missing");
-        assert!(err.to_string().contains("libtss2-esys"), "{err}");
-    }
 
     fn meta() -> ImageMeta {
         ImageMeta {

@@ -2,4 +2,5 @@
 
 pub mod images;
 pub mod krew;
+pub mod ldd;
 pub mod node_image;

@@ -70,43 +70,6 @@ pub fn os_release(version: &str) -> String {
     )
 }
 
-/// The libraries `ldd` lists for `binary` (resolved paths, plus the dynamic
-/// loader), in the order ldd prints them.
-pub fn ldd_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .with_context(|| format!("running ldd on {}", binary.display()))?;
-    if !out.status.success() {
-        bail!(
-            "ldd {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    parse_ldd(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// Parses ldd's output: `name => /path (addr)` and `/path (addr)` lines;
-/// the vDSO has no file and is skipped; a missing library is an error.
-pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>> {
-    let mut libs = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if line.contains("not found") {
-            bail!("a library is missing on the build machine: {line}");
-        }
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        match path {
-            Some(p) if p.starts_with('/') => libs.push(PathBuf::from(p)),
-            _ => {} // linux-vdso.so.1: provided by the kernel
-        }
-    }
-    Ok(libs)
-}
-
 /// Whether an ELF file has a program interpreter (is dynamically linked):
 /// static binaries (busybox, Go binaries) need no libraries.
 fn is_dynamic(path: &Path) -> Result<bool> {
@@ -175,10 +138,10 @@ pub fn archive(version: &str, inputs: &NodeOsInputs) -> Result<Archive> {
             contents: read(&inputs.bootstrapper)?,
         },
     )?;
-    let mut libraries = ldd_libraries(&inputs.bootstrapper)?;
+    let mut libraries = crate::ldd::libraries(&inputs.bootstrapper)?;
     for extra in DLOPENED_LIBRARIES {
         libraries.push(PathBuf::from(extra));
-        libraries.extend(ldd_libraries(Path::new(extra))?);
+        libraries.extend(crate::ldd::libraries(Path::new(extra))?);
     }
     for (path, host, mode) in &inputs.extra_files {
         archive.add(
@@ -189,7 +152,7 @@ pub fn archive(version: &str, inputs: &NodeOsInputs) -> Result<Archive> {
             },
         )?;
         if is_dynamic(host)? {
-            libraries.extend(ldd_libraries(host)?);
+            libraries.extend(crate::ldd::libraries(host)?);
         }
     }
     libraries.sort();
@@ -211,26 +174,6 @@ pub fn archive(version: &str, inputs: &NodeOsInputs) -> Result<Archive> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parse_ldd_keeps_files_and_skips_the_vdso() {
-        let text = "\tlinux-vdso.so.1 (0x00007fc3ac936000)\n\
-                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007fc3abcd0000)\n\
-                    \t/lib64/ld-linux-x86-64.so.2 (0x00007fc3ac938000)\n";
-        assert_eq!(
-            parse_ldd(text).expect("parse"),
-            [
-                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
-            ]
-        );
-    }
-
-    #[test]
-    fn parse_ldd_refuses_a_missing_library() {
-        let err = parse_ldd("\tlibfoo.so.1 => not found\n").expect_err("missing");
-        assert!(err.to_string().contains("libfoo.so.1"), "{err}");
-    }
 
     #[test]
     fn versions_differ_in_os_release() {

@@ -32,35 +32,18 @@ use serde_json::{Value, json};
 use support::client::{
     create_pods, drive, namespace, percentile, request, rss_kib, summary_us, tls_trusting,
 };
+use support::options::Options;
 use support::ours::{install_policies, register_gate, start_gate, wait_enforced};
 use support::reviews::review;
 
-struct Options {
-    seconds: u64,
-    connections: usize,
-    pods: usize,
-    out: PathBuf,
-}
-
 fn options() -> Result<Options> {
-    let mut o = Options {
+    Options::parse(Options {
+        rounds: 1,
         seconds: 10,
         connections: 8,
         pods: 300,
-        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/loadgen.json"),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--seconds" => o.seconds = value()?.parse()?,
-            "--connections" => o.connections = value()?.parse()?,
-            "--pods" => o.pods = value()?.parse()?,
-            "--out" => o.out = value()?.into(),
-            _ => {} // `cargo bench` passes `--bench`.
-        }
-    }
-    Ok(o)
+        out: PathBuf::from("target/loadgen.json"),
+    })
 }
 
 /// Sums the latency histogram buckets over all kinds: `le` -> count.

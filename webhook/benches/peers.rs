@@ -43,6 +43,7 @@ use support::client::{
     allowed, cpu_seconds, create_pods, drive, message, namespace, request, rss_kib, summary_us,
     tls_trusting,
 };
+use support::options::Options;
 use support::ours::{install_policies, register_gate, start_gate, wait_enforced};
 use support::reviews::{DIGEST, decision_cases, review};
 
@@ -50,35 +51,14 @@ use support::reviews::{DIGEST, decision_cases, review};
 /// controller in the end-to-end part.
 const ROUTE: &str = "bench.confidential.dev/admission";
 
-struct Options {
-    rounds: usize,
-    seconds: u64,
-    connections: usize,
-    pods: usize,
-    out: PathBuf,
-}
-
 fn options() -> Result<Options> {
-    let mut o = Options {
+    Options::parse(Options {
         rounds: 3,
         seconds: 5,
         connections: 8,
         pods: 100,
-        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/peers.json"),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--rounds" => o.rounds = value()?.parse()?,
-            "--seconds" => o.seconds = value()?.parse()?,
-            "--connections" => o.connections = value()?.parse()?,
-            "--pods" => o.pods = value()?.parse()?,
-            "--out" => o.out = value()?.into(),
-            _ => {} // `cargo bench` passes `--bench`.
-        }
-    }
-    Ok(o)
+        out: PathBuf::from("target/peers.json"),
+    })
 }
 
 /// Kyverno policies doing our ImagePolicy's job. Pod rules are autogen'd by

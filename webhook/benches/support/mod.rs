@@ -4,5 +4,6 @@
 #![allow(dead_code, reason = "shared by two bench targets; each uses a part")]
 
 pub mod client;
+pub mod options;
 pub mod ours;
 pub mod reviews;

@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
 use kube::Client;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
 mod wait;
 
@@ -39,28 +38,19 @@ pub use wait::eventually;
 /// Environment variable naming an existing cluster's kubeconfig to test against.
 pub const EXISTING_CLUSTER_ENV: &str = "CONFIDENTIAL_TEST_KUBECONFIG";
 
-/// Installs the ring crypto provider for rustls once per process. kube's
-/// client and our servers both use rustls; the provider must be chosen before
-/// the first TLS config is built.
+/// Installs the ring crypto provider for rustls once per process (the
+/// binaries' own start-up, [`confidential_startup::install_crypto_provider`]).
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    confidential_startup::install_crypto_provider();
 }
 
-/// Builds a client from a kubeconfig file.
-///
-/// kube's default client silently retries 429 responses for minutes; an
-/// eviction refused by a PodDisruptionBudget is a 429 the caller must see, so
-/// that retry is turned off here.
+/// Builds a client from a kubeconfig file, as the binaries do
+/// ([`confidential_startup::kube_client`]: kube's silent retry of 429
+/// responses off, since an eviction refused by a PodDisruptionBudget is a 429
+/// the caller must see).
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     install_crypto_provider();
-    let kubeconfig = Kubeconfig::read_from(path)
-        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .with_context(|| format!("loading kubeconfig {}", path.display()))?;
-    config.default_retry = false;
-    Client::try_from(config).context("building Kubernetes client")
+    Ok(confidential_startup::kube_client(Some(path)).await?)
 }
 
 /// A cluster to test against: a private control plane, or an existing one.

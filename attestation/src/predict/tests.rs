@@ -1,6 +1,6 @@
 //! Prediction checked against a recorded boot: the event log and PCR values
 //! of node image v1 booted under OVMF with a swtpm vTPM (captured from the
-//! VM's console by `tests/tests/vm_boot.rs`'s setup).
+//! VM's console by `e2e/tests/vm_boot.rs`'s setup).
 
 use super::*;
 

@@ -268,7 +268,7 @@ mod tests {
     use super::*;
 
     /// A real swtpm quote over nonce `[0x11; 32]` (regenerate with the
-    /// ignored `write_quote_fixture` test in `tests/tests/tpm.rs`).
+    /// ignored `write_quote_fixture` test in `e2e/tests/tpm.rs`).
     fn fixture() -> (TpmEvidence, Vec<Vec<u8>>) {
         let ev = serde_json::from_str(include_str!("../../testdata/tpm/quote.json"))
             .expect("fixture parses");

@@ -7,10 +7,10 @@
 //! pure decision (`decide`: evidence verification against the policy) is
 //! also timed alone, in-process, on the same request and nonce.
 //!
-//! Writes p50/p90/p99/max per phase to `tests/benches/results/join-roundtrip.json`.
+//! Writes p50/p90/p99/max per phase to `e2e/benches/results/join-roundtrip.json`.
 //! p99 is only reported with at least 100 samples (nearest rank).
 //!
-//! `cargo bench -p confidential-testenv --bench join_roundtrip`
+//! `cargo bench -p confidential-e2e --bench join_roundtrip`
 //! (`CONFIDENTIAL_BENCH_RUNS=N`, default 300).
 
 use std::collections::BTreeMap;

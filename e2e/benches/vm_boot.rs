@@ -2,9 +2,9 @@
 //! firmware + systemd-stub (OVMF start, measuring and loading the UKI, the
 //! stub's measurements) and kernel (from the kernel's clock start to init,
 //! `/proc/uptime` printed by init), and the QEMU process's RSS at that point.
-//! Writes `tests/benches/results/vm-boot.json`.
+//! Writes `e2e/benches/results/vm-boot.json`.
 //!
-//! `cargo bench -p confidential-testenv --bench vm_boot`
+//! `cargo bench -p confidential-e2e --bench vm_boot`
 //! (`CONFIDENTIAL_BENCH_RUNS=N`, default 3; `CONFIDENTIAL_VM_ACCEL=kvm|tcg`,
 //! default kvm; `scripts/vm-accel` says which one this machine can run).
 

@@ -191,7 +191,7 @@ async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()>
     let before = env.snapshot().await?;
     // The MITM terminates the node's aTLS and relays requests verbatim over
     // its own aTLS connection to the gate. A node pinning the real gate
-    // never talks to it (tests/tests/bootstrapper.rs); this node's launch
+    // never talks to it (e2e/tests/bootstrapper.rs); this node's launch
     // configuration pins the MITM's key, so the gate's channel binding is
     // the last defence and must hold on its own.
     let mitm_identity =

@@ -6,7 +6,7 @@
 //! NodeAttestation. Reports the sweep's wall time (the gate's own
 //! measurement, logged per sweep) and the gate process's CPU seconds for it
 //! (from `/proc/<pid>/stat`, so the nodes' swtpm and bootstrapper CPU is not
-//! counted), and writes `tests/benches/results/reattest-sweep.json`.
+//! counted), and writes `e2e/benches/results/reattest-sweep.json`.
 //!
 //! Setup, not measured: N machines join through the real bootstrapper and
 //! keep serving `/v1/attest`, each on its own loopback address; their Node
@@ -15,7 +15,7 @@
 //! period and the bench records `CONFIDENTIAL_BENCH_SWEEPS` (default 3)
 //! sweeps.
 //!
-//! `cargo bench -p confidential-testenv --bench reattest_sweep`
+//! `cargo bench -p confidential-e2e --bench reattest_sweep`
 //! (`CONFIDENTIAL_BENCH_NODES=N`, `CONFIDENTIAL_BENCH_CONCURRENCY=C`, default 16).
 
 #[path = "../tests/support/mod.rs"]

@@ -108,7 +108,7 @@ async fn credential_activates_only_in_the_tpm_of_the_ek() -> Result<()> {
 /// Regenerates `attestation/testdata/tpm/` (a real swtpm quote over the
 /// nonce `[0x11; 32]` and the EK CA that certifies its EK), which the
 /// attestation crate's unit tests and benchmarks verify without a TPM:
-/// `cargo test -p confidential-testenv --test tpm -- --ignored write_quote_fixture`.
+/// `cargo test -p confidential-e2e --test tpm -- --ignored write_quote_fixture`.
 #[tokio::test]
 #[ignore = "regenerates committed test data"]
 async fn write_quote_fixture() -> Result<()> {

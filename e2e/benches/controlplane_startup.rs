@@ -2,7 +2,7 @@
 //! binaries (etcd → kube-apiserver `/readyz` → controller-manager acting) and
 //! to stop. Writes JSON to `target/bench/controlplane-startup.json`.
 //!
-//! `cargo bench -p confidential-testenv --bench controlplane_startup`
+//! `cargo bench -p confidential-e2e --bench controlplane_startup`
 //! (`CONFIDENTIAL_BENCH_RUNS=N` sets the number of runs, default 7).
 
 use std::time::{Duration, Instant};

@@ -121,9 +121,12 @@ step join
 # Through a pipe: the console is a terminal, and the logs are read as plain text.
 { confidential-bootstrapper --tcti device:/dev/tpmrm0 --pcrs 0,1,2,3,4,5,6,7,8,9,10,11,12,13 --state-device "$state" --state-mount /var/lib --ak-state /machine/ak.blob --cluster-id-state /machine/cluster-id --kubelet-bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig; echo $? > /run/bootstrapper.rc; } 2>&1 | cat
 rc=$(cat /run/bootstrapper.rc)
+# The AK state and the cluster ID must survive a power cut from here on.
+sync
 [ $rc -eq 0 ] || idle "bootstrapper failed exit=$rc; the node stays down"
 boots=$(( $(cat /var/lib/node-boots 2>/dev/null || echo 0) + 1 ))
 echo $boots > /var/lib/node-boots
+sync
 echo "node-image: state disk open boots=$boots luks-uuid=$(cryptsetup luksUUID "$state")"
 step containerd
 mkdir -p /var/lib/containerd /var/lib/kubelet /var/log/pods

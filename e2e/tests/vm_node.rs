@@ -251,3 +251,16 @@ async fn a_vm_booted_from_a_tampered_uki_is_refused_with_the_pcr_named() -> Resu
     assert!(atts.get_opt(&name).await?.is_none(), "no NodeAttestation");
     Ok(())
 }
+
+/// The node image with the whole runtime (kubelet, containerd, modules,
+/// baked images) is as reproducible as the agent-only one: what the policy
+/// pins can be rebuilt and checked by anyone.
+#[test]
+fn node_images_with_the_runtime_are_reproducible() -> Result<()> {
+    let first = tempfile::tempdir()?;
+    let second = tempfile::tempdir()?;
+    let a = std::fs::read(build_node_image(first.path())?)?;
+    let b = std::fs::read(build_node_image(second.path())?)?;
+    assert!(a == b, "two builds of the node image v1 differ");
+    Ok(())
+}

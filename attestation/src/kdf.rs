@@ -211,5 +211,10 @@ mod tests {
             hex::encode(master().cluster_id()),
             "5b8347292859ff11a4bb14b76c8b69849a5d7c4937e2714de1ad2175f136f28e"
         );
+        // info "key-disk-ab12/5e1f0000-0000-4000-8000-000000000001".
+        assert_eq!(
+            hex::encode(master().node_disk_key("ab12", "5e1f0000-0000-4000-8000-000000000001")),
+            "b6980d4305940908a0f0c5c37c5a8488fbd20c404330ebfbc7c4e47580be0be4"
+        );
     }
 }

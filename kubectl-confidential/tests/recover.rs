@@ -384,7 +384,7 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     let mut wrong = measurement_file(&NodeImage::new("other-image"))?;
     wrong.image = env.image.name.clone();
     std::fs::write(env.path("wrong.json"), wrong.canonical_bytes())?;
-    std::fs::write(env.path("wrong.json.sig"), wrong.sign(&env.publisher))?;
+    std::fs::write(env.path("wrong.json.sig"), env.publisher.sign(&wrong))?;
     let mut wrong_args = good.clone();
     wrong_args[5] = env.path("wrong.json").display().to_string();
     wrong_args.extend(["-o".to_owned(), "yaml".to_owned()]);

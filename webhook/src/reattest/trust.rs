@@ -13,11 +13,12 @@
 use std::collections::HashMap;
 
 use confidential_api::{AttestationPolicySpec, NodeAttestation};
-use confidential_attestation::measurements::{MeasurementFile, Measurements};
+use confidential_attestation::measurements::Measurements;
 use confidential_attestation::protocol::AttestResponse;
 use confidential_attestation::verify::{TrustPolicy, Verdict, verify_evidence};
 
 use super::Failure;
+use crate::verify::verify_entry;
 
 /// The trust roots of the policy and the verified measurements of each of
 /// its images; an image whose entry does not verify maps to its failure.
@@ -31,47 +32,19 @@ impl PolicyInForce {
     /// node can be verified and the sweep reports the policy as broken).
     pub fn new(spec: &AttestationPolicySpec) -> Result<Self, String> {
         let trust = crate::verify::trust_roots(spec).map_err(|e| format!("policy EK CA: {e}"))?;
-        let images =
-            spec.images
-                .iter()
-                .map(|measured| {
-                    let checked =
-                        spec.publishers
-                            .iter()
-                            .find(|p| p.name == measured.publisher)
-                            .ok_or_else(|| {
-                                Failure::ImageNotTrusted(format!(
-                                    "publisher {} of image {} is not trusted",
-                                    measured.publisher, measured.image
-                                ))
-                            })
-                            .and_then(|publisher| {
-                                let measurements =
-                                    Measurements::from_hex_map(measured.measurements.iter().map(
-                                        |(k, v)| (k.as_str(), v.expected.as_str(), v.warn_only),
-                                    ))
-                                    .map_err(|e| {
-                                        Failure::ImageNotTrusted(format!(
-                                            "measurements of {}: {e}",
-                                            measured.image
-                                        ))
-                                    })?;
-                                let file = MeasurementFile {
-                                    image: measured.image.clone(),
-                                    measurements,
-                                };
-                                file.verify(&measured.signature, &publisher.public_key)
-                                    .map_err(|e| {
-                                        Failure::ImageNotTrusted(format!(
-                                            "measurements of {}: {e}",
-                                            measured.image
-                                        ))
-                                    })?;
-                                Ok(file.measurements)
-                            });
-                    (measured.image.clone(), checked)
-                })
-                .collect();
+        // The gate's one image-trust rule (`crate::verify`): every entry
+        // listing an image is tried, the first that verifies wins, and SEV-SNP
+        // launch values are part of what is signed.
+        let mut images: HashMap<String, Result<Measurements, Failure>> = HashMap::new();
+        for measured in &spec.images {
+            if matches!(images.get(&measured.image), Some(Ok(_))) {
+                continue;
+            }
+            let checked = verify_entry(&spec.publishers, measured).map_err(|e| {
+                Failure::ImageNotTrusted(format!("measurements of {}: {e}", measured.image))
+            });
+            images.insert(measured.image.clone(), checked);
+        }
         Ok(Self { trust, images })
     }
 
@@ -121,15 +94,9 @@ impl PolicyInForce {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confidential_api::{
-        EvidenceKind, MeasuredImage, Measurement, NodeAttestationSpec, PublisherKey, TpmTrust,
-        Verdict as ApiVerdict,
-    };
+    use confidential_api::{EvidenceKind, NodeAttestationSpec, Verdict as ApiVerdict};
     use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};
-    use confidential_attestation::measurements::Expected;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use p256::pkcs8::EncodePublicKey;
-    use std::collections::BTreeMap;
 
     /// The nonce the recorded fixture quote is bound to.
     const NONCE: [u8; 32] = [0x11; 32];
@@ -152,54 +119,20 @@ mod tests {
         }
     }
 
-    fn key(seed: u8) -> p256::ecdsa::SigningKey {
-        p256::ecdsa::SigningKey::from_slice(&[seed; 32]).expect("valid scalar")
-    }
+    use confidential_testenv::fixtures::{self, Publisher, seeded_key as key};
 
     /// A policy trusting the fixture's EK CA and `IMAGE` with `pcr4`,
     /// signed by `signer` while the publisher entry holds key 1.
     fn policy(pcr4: [u8; 32], signer: &p256::ecdsa::SigningKey) -> AttestationPolicySpec {
-        let file = MeasurementFile {
-            image: IMAGE.into(),
-            measurements: Measurements::new(BTreeMap::from([(
-                4,
-                Expected {
-                    expected: pcr4,
-                    warn_only: false,
-                },
-            )]))
-            .expect("valid"),
-        };
-        AttestationPolicySpec {
-            evidence_kinds: vec![EvidenceKind::Tpm],
-            tpm: Some(TpmTrust {
-                ek_ca_certificates: vec![
-                    include_str!("../../../attestation/testdata/tpm/ek-ca.pem").into(),
-                ],
-            }),
-            snp: None,
-            publishers: vec![PublisherKey {
-                name: "pub".into(),
-                public_key: key(1)
-                    .verifying_key()
-                    .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-                    .expect("pem"),
-            }],
-            images: vec![MeasuredImage {
-                image: IMAGE.into(),
-                snp: None,
-                measurements: BTreeMap::from([(
-                    "4".to_owned(),
-                    Measurement {
-                        expected: hex::encode(pcr4),
-                        warn_only: false,
-                    },
-                )]),
-                publisher: "pub".into(),
-                signature: file.sign(signer),
-            }],
-            reattestation_interval: None,
-        }
+        let file = fixtures::measurement_file(IMAGE, &[(4, pcr4, false)]);
+        let publisher = Publisher::seeded("pub", 1);
+        let mut spec = fixtures::policy_spec(
+            Some(include_str!("../../../attestation/testdata/tpm/ek-ca.pem")),
+            &[&publisher],
+            vec![fixtures::entry(&file, publisher.name(), &file.sign(signer))],
+        );
+        spec.reattestation_interval = None;
+        spec
     }
 
     fn attestation(ak: &str) -> NodeAttestation {

@@ -304,7 +304,7 @@ fn mutate_returns_a_json_patch_for_known_tags() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(crate::property_seed::config("admission handler", 2000))]
 
     /// Arbitrary bytes never panic and always get a reply.
     #[test]

@@ -217,4 +217,42 @@ mod tests {
         assert_eq!(err.reason(), "ImageNotTrusted");
         assert!(err.to_string().contains("no measurements"), "{err}");
     }
+
+    /// Re-attestation trusts entries by the gate's one rule
+    /// (`verify::verify_entry`): SEV-SNP launch values are part of the
+    /// signed bytes, and of several entries for one image the first that
+    /// verifies wins, whatever follows it.
+    #[test]
+    fn entries_are_trusted_by_the_gates_one_rule() {
+        use confidential_attestation::snp::launch::SnpLaunchPolicy;
+        let publisher = Publisher::seeded("pub", 1);
+        let mut file = fixtures::measurement_file(IMAGE, &[(4, fixture_pcr4(), false)]);
+        file.measurements = file.measurements.with_snp(Some(SnpLaunchPolicy {
+            measurement: [0x5a; 48],
+            vmpl: 0,
+            allow_smt: false,
+            allow_migration_agent: false,
+        }));
+        let mut spec = policy(fixture_pcr4(), &key(1));
+        spec.images = vec![publisher.entry(&file)];
+        let in_force = PolicyInForce::new(&spec).expect("policy");
+        let trusted = in_force.measurements(IMAGE).expect("an SNP entry verifies");
+        assert_eq!(trusted.snp().map(|s| s.measurement), Some([0x5a; 48]));
+
+        // A valid entry, then a forged one for the same image: still trusted.
+        let mut forged = publisher.entry(&fixtures::measurement_file(
+            IMAGE,
+            &[(4, [0xee; 32], false)],
+        ));
+        forged.signature = publisher.sign(&fixtures::measurement_file(IMAGE, &[]));
+        spec.images.push(forged.clone());
+        let in_force = PolicyInForce::new(&spec).expect("policy");
+        assert!(in_force.measurements(IMAGE).is_ok());
+        // Only the forged one: not trusted, and the reason says why.
+        spec.images = vec![forged];
+        let in_force = PolicyInForce::new(&spec).expect("policy");
+        let err = in_force.measurements(IMAGE).expect_err("forged");
+        assert_eq!(err.reason(), "ImageNotTrusted");
+        assert!(err.to_string().contains("signature"), "{err}");
+    }
 }

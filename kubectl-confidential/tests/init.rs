@@ -347,11 +347,11 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
     // A file signed by another key.
     let forged = d.join("forged.json");
     std::fs::copy(&playground.files.measurements_v2, &forged)?;
-    let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])?;
+    let other = confidential_testenv::fixtures::Publisher::seeded("other", 7);
     let file = confidential_attestation::measurements::MeasurementFile::from_canonical_json(
         &std::fs::read(&forged)?,
     )?;
-    std::fs::write(d.join("forged.json.sig"), file.sign(&other_key) + "\n")?;
+    std::fs::write(d.join("forged.json.sig"), other.sign(&file) + "\n")?;
     let foreign_images = d.join("foreign-images.json");
     std::fs::write(
         &foreign_images,

@@ -384,7 +384,7 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     let mut wrong = measurement_file(&NodeImage::new("other-image"))?;
     wrong.image = env.image.name.clone();
     std::fs::write(env.path("wrong.json"), wrong.canonical_bytes())?;
-    std::fs::write(env.path("wrong.json.sig"), wrong.sign(&env.publisher))?;
+    std::fs::write(env.path("wrong.json.sig"), env.publisher.sign(&wrong))?;
     let mut wrong_args = good.clone();
     wrong_args[5] = env.path("wrong.json").display().to_string();
     wrong_args.extend(["-o".to_owned(), "yaml".to_owned()]);
@@ -428,7 +428,6 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     let mut direct = AtlsClient::connect(&listen, atls::client_config(None)?).await?;
     let forged = serde_json::to_vec(&RecoveryKeys {
         disk_key: vec![1; 32],
-        measurement_secret: vec![2; 32],
         cluster_id: hex::encode(env.master.cluster_id()),
     })?;
     let (status, body) = direct.post(PATH_RECOVER_KEYS, forged).await?;

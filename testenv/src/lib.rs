@@ -13,6 +13,7 @@ pub mod cloud;
 pub mod controlplane;
 pub mod csr;
 pub mod etcd;
+pub mod fixtures;
 pub mod kubelet;
 pub mod node;
 pub mod peers;

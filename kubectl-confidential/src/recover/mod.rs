@@ -10,8 +10,8 @@
 //! when given). Only a node that passes gets a credential challenge, and only
 //! when its TPM activated it (the AK lives in the certified TPM) does the
 //! node get its keys: the disk key the gate derives at join (one derivation,
-//! [`confidential_attestation::kdf::MasterSecret::node_disk_key`]), the
-//! measurement secret and the cluster ID. Before the verdict the node
+//! [`confidential_attestation::kdf::MasterSecret::node_disk_key`]) and the
+//! cluster ID. Before the verdict the node
 //! receives one empty request and nothing else.
 //!
 //! Several `--endpoint`s are recovered side by side (a whole cluster after a

@@ -9,9 +9,18 @@
 //! setup costs no join token) and the key goes to `cryptsetup` on stdin,
 //! never on its command line.
 //!
-//! Tests run this against recorded `cryptsetup` stand-ins (shell scripts that
-//! record argv and stdin): this machine's kernel has no device-mapper, so real
-//! LUKS runs only in the VM suite.
+//! The key is 32 uniformly random bytes the gate derived (HKDF), not a
+//! passphrase: a slow PBKDF adds no strength, and Argon2's default memory
+//! cost (up to half the VM's RAM) would crowd out the node's pods, so the
+//! keyslot uses PBKDF2 at cryptsetup's minimum iteration count.
+//!
+//! The opened volume gets an ext4 file system only right after this node
+//! formatted it ([`StateFilesystem`]): an existing volume is never given a
+//! new file system, so a reboot keeps the kubelet's and containerd's state.
+//!
+//! Unit tests run this against recorded `cryptsetup` stand-ins (shell
+//! scripts that record argv and stdin); real LUKS2 on a virtio disk runs in
+//! the VM suite (`e2e/tests/vm_node.rs`).
 
 use std::ffi::OsString;
 use std::io::Write as _;
@@ -19,6 +28,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use thiserror::Error;
+
+mod filesystem;
+pub use filesystem::StateFilesystem;
 
 /// Name of the opened mapping: `/dev/mapper/state`.
 pub const MAPPING_NAME: &str = "state";
@@ -94,6 +106,10 @@ pub fn step_args(step: LuksStep, device: &Path) -> Vec<OsString> {
             "--type",
             "luks2",
             "--batch-mode",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
             "--key-file",
             "-",
         ]
@@ -117,7 +133,7 @@ fn step_name(step: LuksStep) -> &'static str {
     }
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe(status: std::process::ExitStatus) -> String {
     match status.code() {
         Some(code) => format!("exit code {code}"),
         None => format!("{status}"),
@@ -281,6 +297,10 @@ mod tests {
                 "--type",
                 "luks2",
                 "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
                 "--key-file",
                 "-",
                 dev.as_str()

@@ -10,21 +10,28 @@
 //! booting a node image would. `-kernel` would go through QEMU's fw_cfg
 //! loader instead, which real machines do not have.
 //!
-//! Everything a VM owns (the swtpm state, the OVMF variable store copy, the
-//! ESP, the console log) lives in one temporary directory removed on drop,
-//! after both processes were stopped by pid.
+//! Everything a VM owns (the OVMF variable store copy, the ESP, the console
+//! log, and the swtpm state unless the caller keeps it for a reboot,
+//! [`VmOptions::tpm_state`]) lives in one temporary directory removed on
+//! drop, after both processes were stopped by pid.
+//!
+//! A node VM ([`VmOptions`]) reaches nothing but the host loopback ports it
+//! is given ([`GuestForward`], QEMU user networking with `restrict=on`),
+//! gets its state and machine disks as virtio disks told apart by serial,
+//! and its launch configuration as a fw_cfg item.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use tempfile::TempDir;
 
 use crate::ManagedProcess;
+
+mod boot_report;
 use crate::swtpm::{SwtpmCa, manufacture};
+pub use boot_report::BootReport;
 
 /// OVMF firmware code (Debian `ovmf`, 4 MiB variant with TPM 2 support).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -85,6 +92,122 @@ pub fn kvm_usable() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The address the guest reaches the host's forwarded loopback ports at
+/// (QEMU user networking's `guestfwd`; nothing else is reachable).
+pub const GUEST_HOST_IP: &str = "10.0.2.100";
+/// The guest's own address on QEMU user networking (fixed by QEMU).
+pub const GUEST_IP: &str = "10.0.2.15";
+/// QEMU user networking's gateway (the default route; `restrict=on` drops
+/// everything sent to it that no forward names).
+pub const GUEST_GATEWAY: &str = "10.0.2.2";
+/// The fw_cfg item the node's launch configuration is passed in (an env
+/// file; the guest reads it from `/sys/firmware/qemu_fw_cfg/by_name/`).
+pub const NODE_CONFIG_FW_CFG: &str = "opt/confidential/node.env";
+
+/// One TCP port of the host's loopback the guest may connect to, as
+/// `GUEST_HOST_IP:guest_port`. QEMU runs `busybox nc 127.0.0.1 host_port`
+/// per guest connection (`guestfwd=...-cmd:`), so every connection of the
+/// guest gets its own stream (a chardev forward would carry one only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestForward {
+    pub guest_port: u16,
+    pub host_port: u16,
+}
+
+/// A raw disk image attached as a virtio disk after the ESP (`/dev/vdb`,
+/// `/dev/vdc`, ... in this order), its `serial` readable in the guest at
+/// `/sys/block/vdX/serial`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDisk {
+    pub path: PathBuf,
+    pub serial: String,
+}
+
+impl VmDisk {
+    /// A sparse, all-zero disk image of `size_mib` (a fresh state disk: the
+    /// node finds no LUKS header and formats it).
+    pub fn blank(path: &Path, size_mib: u64, serial: &str) -> Result<Self> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("creating disk image {}", path.display()))?;
+        file.set_len(size_mib * 1024 * 1024)?;
+        Ok(Self {
+            path: path.to_owned(),
+            serial: serial.to_owned(),
+        })
+    }
+
+    /// The node's unencrypted machine disk (serial `machine`): an empty ext4
+    /// file system made here, as a cloud image would ship its boot volume,
+    /// so the node never decides to format it. It holds only what the node
+    /// needs before it can unlock anything: its TPM-wrapped AK (useless
+    /// outside this vTPM) and the cluster ID.
+    pub fn machine(path: &Path) -> Result<Self> {
+        let disk = Self::blank(path, 16, "machine")?;
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "machine"])
+            .arg(path)
+            .output()
+            .context("running mkfs.ext4 (e2fsprogs)")?;
+        if !out.status.success() {
+            bail!(
+                "mkfs.ext4 {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(disk)
+    }
+}
+
+/// How a VM is set up beyond its UKI; the default is what [`Vm::boot`] does.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    pub memory_mib: u32,
+    /// The only host ports the guest can reach (user networking stays
+    /// `restrict=on`).
+    pub forwards: Vec<GuestForward>,
+    pub disks: Vec<VmDisk>,
+    /// A vTPM state directory kept by the caller (reboots keep the TPM):
+    /// manufactured from the CA when it holds no TPM yet, reused otherwise.
+    /// `None`: a fresh vTPM in the VM's own directory.
+    pub tpm_state: Option<PathBuf>,
+    /// The node's launch configuration (`KEY=value` lines) passed as the
+    /// fw_cfg item [`NODE_CONFIG_FW_CFG`]. Not measured: the node treats it
+    /// as untrusted input (the gate is authenticated by its pin, and a wrong
+    /// value only makes the join fail).
+    pub node_config: Option<String>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: VM_MEMORY_MIB,
+            forwards: Vec::new(),
+            disks: Vec::new(),
+            tpm_state: None,
+            node_config: None,
+        }
+    }
+}
+
+/// The `-netdev` value: user networking, `restrict=on`, one `guestfwd` per
+/// forward (pure, so the rule set is testable).
+pub fn netdev_arg(forwards: &[GuestForward]) -> String {
+    let mut arg = String::from("user,id=net0,restrict=on");
+    for f in forwards {
+        arg.push_str(&format!(
+            ",guestfwd=tcp:{GUEST_HOST_IP}:{}-cmd:busybox nc 127.0.0.1 {}",
+            f.guest_port, f.host_port
+        ));
+    }
+    arg
+}
+
+/// Whether `state` already holds a manufactured TPM (swtpm's permanent state).
+fn tpm_manufactured(state: &Path) -> bool {
+    state.join("tpm2-00.permall").is_file()
+}
+
 /// A running VM with its vTPM.
 pub struct Vm {
     // Dropped first (field order): QEMU, then swtpm, then the directory.
@@ -110,13 +233,21 @@ fn wait_for_path(path: &Path, process: &mut ManagedProcess, timeout: Duration) -
 impl Vm {
     /// Manufactures a vTPM from `ca`, then boots `uki` under OVMF.
     pub fn boot(ca: &SwtpmCa, uki: &Path, accel: Accel) -> Result<Self> {
+        Self::boot_with(ca, uki, accel, &VmOptions::default())
+    }
+
+    /// Boots `uki` under OVMF with `options` (forwards, disks, a kept vTPM,
+    /// the launch configuration).
+    pub fn boot_with(ca: &SwtpmCa, uki: &Path, accel: Accel, options: &VmOptions) -> Result<Self> {
         if accel == Accel::Kvm {
             kvm_usable().map_err(|reason| anyhow::anyhow!("cannot boot a VM: {reason}"))?;
         }
         let dir = tempfile::Builder::new().prefix("vm-").tempdir()?;
         let d = dir.path();
-        let state = d.join("tpm");
-        manufacture(ca, &state)?;
+        let state = options.tpm_state.clone().unwrap_or_else(|| d.join("tpm"));
+        if !tpm_manufactured(&state) {
+            manufacture(ca, &state)?;
+        }
         let esp = d.join("esp/EFI/BOOT");
         std::fs::create_dir_all(&esp)?;
         std::fs::copy(uki, esp.join("BOOTX64.EFI"))
@@ -145,7 +276,7 @@ impl Vm {
                 Accel::Kvm => &["-cpu", "host"][..],
                 Accel::Tcg => &[][..],
             })
-            .args(["-m", &format!("{VM_MEMORY_MIB}M")])
+            .args(["-m", &format!("{}M", options.memory_mib)])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-drive")
             .arg(format!(
@@ -165,10 +296,32 @@ impl Vm {
                 "if=none,id=esp,format=raw,readonly=on,file=fat:{}",
                 d.join("esp").display()
             ))
-            .args(["-device", "virtio-blk-pci,drive=esp,bootindex=0"])
-            // User-mode networking with no route out (restrict=on); no
-            // option ROM, so nothing but firmware code runs before the UKI.
-            .args(["-netdev", "user,id=net0,restrict=on"])
+            .args(["-device", "virtio-blk-pci,drive=esp,bootindex=0"]);
+        for (index, disk) in options.disks.iter().enumerate() {
+            qemu_cmd
+                .arg("-drive")
+                .arg(format!(
+                    "if=none,id=disk{index},format=raw,cache=unsafe,file={}",
+                    disk.path.display()
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-blk-pci,drive=disk{index},serial={}",
+                    disk.serial
+                ));
+        }
+        if let Some(config) = &options.node_config {
+            let file = d.join("node.env");
+            std::fs::write(&file, config).context("writing the node configuration")?;
+            qemu_cmd
+                .arg("-fw_cfg")
+                .arg(format!("name={NODE_CONFIG_FW_CFG},file={}", file.display()));
+        }
+        qemu_cmd
+            // User-mode networking with no route out (restrict=on) but the
+            // forwards asked for; no option ROM, so nothing but firmware
+            // code runs before the UKI.
+            .args(["-netdev", &netdev_arg(&options.forwards)])
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
             .arg("-serial")
             .arg(format!("file:{}", console.display()));
@@ -232,6 +385,25 @@ impl Vm {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Time since QEMU was started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Fails when QEMU or the vTPM stopped (the console's tail in the error).
+    pub fn check_running(&mut self) -> Result<()> {
+        self.qemu
+            .check_running()
+            .with_context(|| format!("QEMU stopped; console:\n{}", tail(&self.console(), 40)))?;
+        self.swtpm.check_running()
+    }
+
+    /// Stops QEMU, then the vTPM (a kept `tpm_state` stays for the next boot).
+    pub fn stop(mut self) {
+        self.qemu.stop(Duration::from_secs(5));
+        self.swtpm.stop(Duration::from_secs(5));
+    }
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -239,120 +411,29 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// What the node image's init printed about its boot.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BootReport {
-    /// The image version (`/etc/node-image-version`).
-    pub version: String,
-    /// Seconds since the kernel started when init ran (`/proc/uptime`).
-    pub kernel_seconds: f64,
-    /// SHA-256 PCR values as the kernel read them from the vTPM.
-    pub pcrs: BTreeMap<u8, [u8; 32]>,
-    /// The firmware's event log (`binary_bios_measurements`).
-    pub event_log: Vec<u8>,
-}
-
-const PREFIX: &str = "node-image: ";
-
-impl BootReport {
-    /// Parses the console lines the init script prints (`node-image: ...`);
-    /// fails unless both the PCRs and the event log were printed completely.
-    pub fn parse(console: &str) -> Result<Self> {
-        let mut version = None;
-        let mut kernel_seconds = None;
-        let mut pcrs = BTreeMap::new();
-        let mut log_b64 = String::new();
-        let (mut pcrs_done, mut log_done) = (false, false);
-        for line in console.lines() {
-            let Some(rest) = line
-                .trim_end_matches('\r')
-                .split_once(PREFIX)
-                .map(|(_, r)| r)
-            else {
-                continue;
-            };
-            if let Some(init) = rest.strip_prefix("init running ") {
-                for field in init.split_whitespace() {
-                    if let Some(v) = field.strip_prefix("version=") {
-                        version = Some(v.to_owned());
-                    } else if let Some(u) = field.strip_prefix("uptime=") {
-                        kernel_seconds = u.parse::<f64>().ok();
-                    }
-                }
-            } else if let Some(pcr) = rest.strip_prefix("pcr sha256 ") {
-                let (index, value) = pcr.split_once(' ').context("malformed PCR line")?;
-                let index: u8 = index.parse().context("PCR index")?;
-                let bytes = hex::decode(value.trim())
-                    .with_context(|| format!("PCR {index} value {value:?} is not hex"))?;
-                let value = <[u8; 32]>::try_from(bytes)
-                    .map_err(|_| anyhow::anyhow!("PCR {index} is not 32 bytes"))?;
-                pcrs.insert(index, value);
-            } else if rest == "END PCRS" {
-                pcrs_done = true;
-            } else if let Some(chunk) = rest.strip_prefix("eventlog ") {
-                log_b64.push_str(chunk.trim());
-            } else if rest == "END EVENTLOG" {
-                log_done = true;
-            }
-        }
-        if !pcrs_done || pcrs.len() != 24 {
-            bail!("the console has {} of 24 PCR values", pcrs.len());
-        }
-        if !log_done {
-            bail!("the console has no complete event log");
-        }
-        let event_log = base64::engine::general_purpose::STANDARD
-            .decode(log_b64)
-            .context("event log is not base64")?;
-        Ok(Self {
-            version: version.context("init did not print its version")?,
-            kernel_seconds: kernel_seconds.context("init did not print the uptime")?,
-            pcrs,
-            event_log,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn console(pcrs: u8, log_end: bool) -> String {
-        let mut text =
-            String::from("BdsDxe: starting\r\nnode-image: init running version=v1 uptime=3.84\n");
-        text.push_str("node-image: BEGIN PCRS\n");
-        for i in 0..pcrs {
-            text.push_str(&format!("node-image: pcr sha256 {i} {}\n", "AB".repeat(32)));
-        }
-        text.push_str("node-image: END PCRS\nnode-image: BEGIN EVENTLOG\n");
-        text.push_str("node-image: eventlog AAEC\nnode-image: eventlog Aw==\n");
-        if log_end {
-            text.push_str("node-image: END EVENTLOG\n");
-        }
-        text
-    }
-
     #[test]
-    fn boot_report_reads_what_init_printed() {
-        let report = BootReport::parse(&console(24, true)).expect("complete console");
-        assert_eq!(report.version, "v1");
-        assert_eq!(report.kernel_seconds, 3.84);
-        assert_eq!(report.pcrs.len(), 24);
-        assert_eq!(report.pcrs[&23], [0xab; 32]);
-        assert_eq!(report.event_log, [0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn boot_report_refuses_an_incomplete_console() {
-        assert!(
-            BootReport::parse(&console(23, true)).is_err(),
-            "a PCR missing"
+    fn the_guest_reaches_only_the_forwarded_ports_and_nothing_else() {
+        assert_eq!(netdev_arg(&[]), "user,id=net0,restrict=on");
+        let arg = netdev_arg(&[
+            GuestForward {
+                guest_port: 6443,
+                host_port: 40001,
+            },
+            GuestForward {
+                guest_port: 9443,
+                host_port: 40002,
+            },
+        ]);
+        assert_eq!(
+            arg,
+            "user,id=net0,restrict=on,\
+             guestfwd=tcp:10.0.2.100:6443-cmd:busybox nc 127.0.0.1 40001,\
+             guestfwd=tcp:10.0.2.100:9443-cmd:busybox nc 127.0.0.1 40002"
         );
-        assert!(
-            BootReport::parse(&console(24, false)).is_err(),
-            "event log cut off"
-        );
-        let bad = console(24, true).replace(&"AB".repeat(32), "not hex");
-        assert!(BootReport::parse(&bad).is_err(), "PCR not hex");
+        assert!(!arg.contains("hostfwd"), "nothing listens into the guest");
     }
 }

@@ -205,8 +205,8 @@ async fn crds_install_and_every_resource_round_trips_with_status() -> Result<()>
     roundtrip(
         client,
         pending,
-        json!({ "goal": "Leave" }),
-        json!({ "state": "Joined", "attempts": 1 }),
+        json!({ "image": "registry.example/node:v2" }),
+        json!({ "state": "Failed", "attempts": 1 }),
     )
     .await?;
 

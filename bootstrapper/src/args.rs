@@ -34,20 +34,8 @@ pub struct Args {
     #[arg(long, env = "CONFIDENTIAL_GATE_PIN")]
     pub gate_pin: GatePin,
     /// Name the node joins under.
-    #[arg(
-        long,
-        env = "CONFIDENTIAL_NODE_NAME",
-        required_unless_present = "node_name_from",
-        conflicts_with = "node_name_from"
-    )]
-    pub node_name: Option<String>,
-    /// Read the node name from this file instead (one name; a trailing
-    /// newline is ignored): on a VM, a QEMU fw_cfg file such as
-    /// `/sys/firmware/qemu_fw_cfg/by_name/opt/confidential.dev/node-name/raw`,
-    /// which is per machine and not measured, unlike the kernel command line
-    /// every VM of an image shares. The name is checked like --node-name.
-    #[arg(long, env = "CONFIDENTIAL_NODE_NAME_FROM")]
-    pub node_name_from: Option<PathBuf>,
+    #[arg(long, env = "CONFIDENTIAL_NODE_NAME")]
+    pub node_name: String,
     /// Evidence this machine presents: a TPM 2.0 quote (`tpm`, vTPM or
     /// swtpm) or an AMD SEV-SNP report (`snp`, needs `/dev/sev-guest`).
     #[arg(long, value_enum, default_value_t = EvidenceKind::Tpm, env = "CONFIDENTIAL_EVIDENCE")]
@@ -218,10 +206,6 @@ pub enum ConfigError {
     Endpoint(String),
     #[error("--node-name {0:?} is not a valid node name (lowercase RFC 1123 subdomain)")]
     NodeName(String),
-    #[error("--node-name-from {path}: {reason}")]
-    NodeNameFile { path: String, reason: String },
-    #[error("no node name: pass --node-name or --node-name-from")]
-    NoNodeName,
     #[error("--disk-uuid {0:?} is not a UUID (8-4-4-4-12 hex digits)")]
     DiskUuid(String),
     #[error("--pcrs {0} is not a PCR index (0-23)")]
@@ -245,34 +229,7 @@ pub enum ConfigError {
 /// The highest PCR index of a TPM 2.0 PC client (24 PCRs).
 const MAX_PCR: u32 = 23;
 
-/// The node name a `--node-name-from` file holds: its bytes as UTF-8, one
-/// trailing newline removed, nothing else changed (the name is then checked
-/// like `--node-name`, so any other byte is refused, never trimmed away).
-pub fn node_name_from_file(bytes: &[u8]) -> Result<String, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "is not UTF-8".to_owned())?;
-    let name = text.strip_suffix('\n').unwrap_or(text);
-    if name.is_empty() {
-        return Err("is empty".to_owned());
-    }
-    Ok(name.to_owned())
-}
-
 impl Args {
-    /// Reads `--node-name-from` into `node_name` (the only file the
-    /// launch configuration reads before validation).
-    pub fn read_node_name_file(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = &self.node_name_from else {
-            return Ok(());
-        };
-        let error = |reason: String| ConfigError::NodeNameFile {
-            path: path.display().to_string(),
-            reason,
-        };
-        let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-        self.node_name = Some(node_name_from_file(&bytes).map_err(error)?);
-        Ok(())
-    }
-
     /// Validates the flags into a [`Config`]; nothing is touched yet.
     pub fn validate(self) -> Result<Config, ConfigError> {
         for e in &self.endpoints {
@@ -280,9 +237,8 @@ impl Args {
                 return Err(ConfigError::Endpoint(e.clone()));
             }
         }
-        let node_name = self.node_name.ok_or(ConfigError::NoNodeName)?;
-        if !confidential_api::keys::is_valid_node_name(&node_name) {
-            return Err(ConfigError::NodeName(node_name));
+        if !confidential_api::keys::is_valid_node_name(&self.node_name) {
+            return Err(ConfigError::NodeName(self.node_name));
         }
         if !confidential_attestation::kdf::is_valid_disk_uuid(&self.disk_uuid) {
             return Err(ConfigError::DiskUuid(self.disk_uuid));
@@ -335,7 +291,7 @@ impl Args {
         Ok(Config {
             endpoints: self.endpoints,
             gate_pin: self.gate_pin,
-            node_name,
+            node_name: self.node_name,
             pool: self.pool,
             disk_uuid: self.disk_uuid,
             evidence,
@@ -472,62 +428,6 @@ mod tests {
             let err = parse(extra).expect_err(expected);
             assert!(err.contains(expected), "{extra:?}: {err}");
         }
-    }
-
-    #[test]
-    fn the_node_name_can_come_from_a_file_and_is_checked_like_the_flag() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let read = |bytes: &[u8]| {
-            let path = dir.path().join("node-name");
-            std::fs::write(&path, bytes).expect("write");
-            let argv = [
-                "confidential-bootstrapper",
-                "--endpoint",
-                "127.0.0.1:9443",
-                "--node-name-from",
-                path.to_str().expect("utf-8 path"),
-                "--disk-uuid",
-                "00000000-0000-4000-8000-000000000001",
-                "--gate-pin",
-                PIN,
-            ];
-            let mut args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
-            args.read_node_name_file().map_err(|e| e.to_string())?;
-            args.validate().map_err(|e| e.to_string())
-        };
-        assert_eq!(read(b"node-a\n").expect("valid").node_name, "node-a");
-        assert_eq!(read(b"node-a").expect("valid").node_name, "node-a");
-        for (bytes, expected) in [
-            (&b""[..], "is empty"),
-            (&b"\n"[..], "is empty"),
-            (&b"\xff"[..], "is not UTF-8"),
-            (&b"node-a\n\n"[..], "not a valid node name"),
-            (&b"node-a\r\n"[..], "not a valid node name"),
-            (&b" node-a"[..], "not a valid node name"),
-            (&b"node-a\0"[..], "not a valid node name"),
-            (&b"Node_A\n"[..], "not a valid node name"),
-        ] {
-            let err = read(bytes).expect_err(expected);
-            assert!(err.contains(expected), "{bytes:?}: {err}");
-        }
-        let missing = dir.path().join("missing");
-        let mut args = Args::try_parse_from([
-            "confidential-bootstrapper",
-            "--endpoint",
-            "127.0.0.1:9443",
-            "--node-name-from",
-            missing.to_str().expect("utf-8 path"),
-            "--disk-uuid",
-            "00000000-0000-4000-8000-000000000001",
-            "--gate-pin",
-            PIN,
-        ])
-        .expect("parses");
-        let err = args.read_node_name_file().expect_err("missing file");
-        assert!(err.to_string().contains("--node-name-from"), "{err}");
-        // Both sources at once, or neither, are refused by the parser.
-        let err = parse(&["--node-name-from", "/x"]).expect_err("both");
-        assert!(err.contains("cannot be used with"), "{err}");
     }
 
     #[test]

@@ -211,9 +211,9 @@ async fn run(config: Config) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let args = Args::parse();
     confidential_startup::init("info", confidential_startup::LogFormat::Text);
-    let config = match args.read_node_name_file().and_then(|()| args.validate()) {
+    let config = match args.validate() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");

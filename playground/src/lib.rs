@@ -17,7 +17,9 @@
 //! `playground.env` with the addresses `init` needs.
 
 pub mod host;
+pub mod node_images;
 pub mod provider;
+pub mod vm_provider;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -107,41 +107,9 @@ fn wait_for_path(path: &Path, process: &mut ManagedProcess, timeout: Duration) -
     Ok(())
 }
 
-/// What a VM gets besides its firmware, vTPM and node image.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VmOptions {
-    /// A raw disk image attached as a second virtio disk (serial `state`):
-    /// the node's state disk.
-    pub state_disk: Option<PathBuf>,
-    /// The launch configuration as QEMU fw_cfg files (`opt/...` name ->
-    /// contents), readable in the guest under
-    /// `/sys/firmware/qemu_fw_cfg/by_name/NAME/raw`. Neither OVMF nor the
-    /// stub measures them (unlike the kernel command line, which is part of
-    /// the UKI and identical for every VM of an image version), so
-    /// per-machine values such as the node name go here.
-    pub fw_cfg: Vec<(String, String)>,
-}
-
-/// fw_cfg names QEMU accepts for user files: `opt/` and at most 55 bytes,
-/// no comma (QEMU's option separator).
-fn check_fw_cfg_name(name: &str) -> Result<()> {
-    if !name.starts_with("opt/") || name.len() > 55 || name.contains(',') {
-        bail!("fw_cfg name {name:?} must start with opt/, have no comma and at most 55 bytes");
-    }
-    Ok(())
-}
-
 impl Vm {
     /// Manufactures a vTPM from `ca`, then boots `uki` under OVMF.
     pub fn boot(ca: &SwtpmCa, uki: &Path, accel: Accel) -> Result<Self> {
-        Self::boot_with(ca, uki, accel, &VmOptions::default())
-    }
-
-    /// [`Vm::boot`] with a state disk and a launch configuration.
-    pub fn boot_with(ca: &SwtpmCa, uki: &Path, accel: Accel, options: &VmOptions) -> Result<Self> {
-        for (name, _) in &options.fw_cfg {
-            check_fw_cfg_name(name)?;
-        }
         if accel == Accel::Kvm {
             kvm_usable().map_err(|reason| anyhow::anyhow!("cannot boot a VM: {reason}"))?;
         }
@@ -204,24 +172,6 @@ impl Vm {
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
             .arg("-serial")
             .arg(format!("file:{}", console.display()));
-        if let Some(disk) = &options.state_disk {
-            qemu_cmd
-                .arg("-drive")
-                .arg(format!(
-                    "if=none,id=state,format=raw,file={}",
-                    disk.display()
-                ))
-                .args(["-device", "virtio-blk-pci,drive=state,serial=state"]);
-        }
-        for (index, (name, contents)) in options.fw_cfg.iter().enumerate() {
-            // From a file: the contents need no escaping of QEMU's commas.
-            let file = d.join(format!("fw_cfg-{index}"));
-            std::fs::write(&file, contents)
-                .with_context(|| format!("writing the fw_cfg file {name}"))?;
-            qemu_cmd
-                .arg("-fw_cfg")
-                .arg(format!("name={name},file={}", file.display()));
-        }
         let started = Instant::now();
         let qemu = ManagedProcess::spawn("qemu", qemu_cmd, &d.join("qemu.log"))?;
         tracing::info!(dir = %d.display(), "VM started");
@@ -281,16 +231,6 @@ impl Vm {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// Process ids of QEMU and of the vTPM (swtpm), while they are owned.
-    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
-        (self.qemu.pid(), self.swtpm.pid())
-    }
-
-    /// QEMU's exit status once it has exited (`None` while it runs).
-    pub fn exit_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
-        self.qemu.exit_status()
     }
 }
 

@@ -85,6 +85,86 @@ pub fn kvm_usable() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The address the guest reaches the host's forwarded loopback ports at
+/// (QEMU user networking's `guestfwd`; nothing else is reachable).
+pub const GUEST_HOST_IP: &str = "10.0.2.100";
+/// The guest's own address on QEMU user networking (fixed by QEMU).
+pub const GUEST_IP: &str = "10.0.2.15";
+/// QEMU user networking's gateway (the default route; `restrict=on` drops
+/// everything sent to it that no forward names).
+pub const GUEST_GATEWAY: &str = "10.0.2.2";
+/// The fw_cfg item the node's launch configuration is passed in (an env
+/// file; the guest reads it from `/sys/firmware/qemu_fw_cfg/by_name/`).
+pub const NODE_CONFIG_FW_CFG: &str = "opt/confidential/node.env";
+
+/// One TCP port of the host's loopback the guest may connect to, as
+/// `GUEST_HOST_IP:guest_port`. QEMU runs `busybox nc 127.0.0.1 host_port`
+/// per guest connection (`guestfwd=...-cmd:`), so every connection of the
+/// guest gets its own stream (a chardev forward would carry one only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestForward {
+    pub guest_port: u16,
+    pub host_port: u16,
+}
+
+/// A raw disk image attached as a virtio disk after the ESP (`/dev/vdb`,
+/// `/dev/vdc`, ... in this order), its `serial` readable in the guest at
+/// `/sys/block/vdX/serial`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDisk {
+    pub path: PathBuf,
+    pub serial: String,
+}
+
+/// How a VM is set up beyond its UKI; the default is what [`Vm::boot`] does.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    pub memory_mib: u32,
+    /// The only host ports the guest can reach (user networking stays
+    /// `restrict=on`).
+    pub forwards: Vec<GuestForward>,
+    pub disks: Vec<VmDisk>,
+    /// A vTPM state directory kept by the caller (reboots keep the TPM):
+    /// manufactured from the CA when it holds no TPM yet, reused otherwise.
+    /// `None`: a fresh vTPM in the VM's own directory.
+    pub tpm_state: Option<PathBuf>,
+    /// The node's launch configuration (`KEY=value` lines) passed as the
+    /// fw_cfg item [`NODE_CONFIG_FW_CFG`]. Not measured: the node treats it
+    /// as untrusted input (the gate is authenticated by its pin, and a wrong
+    /// value only makes the join fail).
+    pub node_config: Option<String>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: VM_MEMORY_MIB,
+            forwards: Vec::new(),
+            disks: Vec::new(),
+            tpm_state: None,
+            node_config: None,
+        }
+    }
+}
+
+/// The `-netdev` value: user networking, `restrict=on`, one `guestfwd` per
+/// forward (pure, so the rule set is testable).
+pub fn netdev_arg(forwards: &[GuestForward]) -> String {
+    let mut arg = String::from("user,id=net0,restrict=on");
+    for f in forwards {
+        arg.push_str(&format!(
+            ",guestfwd=tcp:{GUEST_HOST_IP}:{}-cmd:busybox nc 127.0.0.1 {}",
+            f.guest_port, f.host_port
+        ));
+    }
+    arg
+}
+
+/// Whether `state` already holds a manufactured TPM (swtpm's permanent state).
+fn tpm_manufactured(state: &Path) -> bool {
+    state.join("tpm2-00.permall").is_file()
+}
+
 /// A running VM with its vTPM.
 pub struct Vm {
     // Dropped first (field order): QEMU, then swtpm, then the directory.
@@ -110,13 +190,21 @@ fn wait_for_path(path: &Path, process: &mut ManagedProcess, timeout: Duration) -
 impl Vm {
     /// Manufactures a vTPM from `ca`, then boots `uki` under OVMF.
     pub fn boot(ca: &SwtpmCa, uki: &Path, accel: Accel) -> Result<Self> {
+        Self::boot_with(ca, uki, accel, &VmOptions::default())
+    }
+
+    /// Boots `uki` under OVMF with `options` (forwards, disks, a kept vTPM,
+    /// the launch configuration).
+    pub fn boot_with(ca: &SwtpmCa, uki: &Path, accel: Accel, options: &VmOptions) -> Result<Self> {
         if accel == Accel::Kvm {
             kvm_usable().map_err(|reason| anyhow::anyhow!("cannot boot a VM: {reason}"))?;
         }
         let dir = tempfile::Builder::new().prefix("vm-").tempdir()?;
         let d = dir.path();
-        let state = d.join("tpm");
-        manufacture(ca, &state)?;
+        let state = options.tpm_state.clone().unwrap_or_else(|| d.join("tpm"));
+        if !tpm_manufactured(&state) {
+            manufacture(ca, &state)?;
+        }
         let esp = d.join("esp/EFI/BOOT");
         std::fs::create_dir_all(&esp)?;
         std::fs::copy(uki, esp.join("BOOTX64.EFI"))
@@ -145,7 +233,7 @@ impl Vm {
                 Accel::Kvm => &["-cpu", "host"][..],
                 Accel::Tcg => &[][..],
             })
-            .args(["-m", &format!("{VM_MEMORY_MIB}M")])
+            .args(["-m", &format!("{}M", options.memory_mib)])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-drive")
             .arg(format!(
@@ -165,10 +253,32 @@ impl Vm {
                 "if=none,id=esp,format=raw,readonly=on,file=fat:{}",
                 d.join("esp").display()
             ))
-            .args(["-device", "virtio-blk-pci,drive=esp,bootindex=0"])
-            // User-mode networking with no route out (restrict=on); no
-            // option ROM, so nothing but firmware code runs before the UKI.
-            .args(["-netdev", "user,id=net0,restrict=on"])
+            .args(["-device", "virtio-blk-pci,drive=esp,bootindex=0"]);
+        for (index, disk) in options.disks.iter().enumerate() {
+            qemu_cmd
+                .arg("-drive")
+                .arg(format!(
+                    "if=none,id=disk{index},format=raw,cache=unsafe,file={}",
+                    disk.path.display()
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-blk-pci,drive=disk{index},serial={}",
+                    disk.serial
+                ));
+        }
+        if let Some(config) = &options.node_config {
+            let file = d.join("node.env");
+            std::fs::write(&file, config).context("writing the node configuration")?;
+            qemu_cmd
+                .arg("-fw_cfg")
+                .arg(format!("name={NODE_CONFIG_FW_CFG},file={}", file.display()));
+        }
+        qemu_cmd
+            // User-mode networking with no route out (restrict=on) but the
+            // forwards asked for; no option ROM, so nothing but firmware
+            // code runs before the UKI.
+            .args(["-netdev", &netdev_arg(&options.forwards)])
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
             .arg("-serial")
             .arg(format!("file:{}", console.display()));
@@ -231,6 +341,25 @@ impl Vm {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Time since QEMU was started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Fails when QEMU or the vTPM stopped (the console's tail in the error).
+    pub fn check_running(&mut self) -> Result<()> {
+        self.qemu
+            .check_running()
+            .with_context(|| format!("QEMU stopped; console:\n{}", tail(&self.console(), 40)))?;
+        self.swtpm.check_running()
+    }
+
+    /// Stops QEMU, then the vTPM (a kept `tpm_state` stays for the next boot).
+    pub fn stop(mut self) {
+        self.qemu.stop(Duration::from_secs(5));
+        self.swtpm.stop(Duration::from_secs(5));
     }
 }
 
@@ -330,6 +459,28 @@ mod tests {
             text.push_str("node-image: END EVENTLOG\n");
         }
         text
+    }
+
+    #[test]
+    fn the_guest_reaches_only_the_forwarded_ports_and_nothing_else() {
+        assert_eq!(netdev_arg(&[]), "user,id=net0,restrict=on");
+        let arg = netdev_arg(&[
+            GuestForward {
+                guest_port: 6443,
+                host_port: 40001,
+            },
+            GuestForward {
+                guest_port: 9443,
+                host_port: 40002,
+            },
+        ]);
+        assert_eq!(
+            arg,
+            "user,id=net0,restrict=on,\
+             guestfwd=tcp:10.0.2.100:6443-cmd:busybox nc 127.0.0.1 40001,\
+             guestfwd=tcp:10.0.2.100:9443-cmd:busybox nc 127.0.0.1 40002"
+        );
+        assert!(!arg.contains("hostfwd"), "nothing listens into the guest");
     }
 
     #[test]

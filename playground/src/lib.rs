@@ -2,7 +2,7 @@
 //! machine. It starts only what a cloud would provide — the control plane
 //! (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, from the
 //! test environment) and machines (swtpm-backed simulated confidential
-//! nodes) — and everything confidential is installed by the real
+//! nodes, or QEMU VMs booting the node image: [`Machines`]) — and everything confidential is installed by the real
 //! `kubectl confidential init` binary, exactly as on any cluster. No
 //! kubelet runs our pods here, so `init` runs in its out-of-cluster mode
 //! (`--gate-url`) and the playground's [`host`] does what a kubelet would:
@@ -13,8 +13,10 @@
 //!
 //! The playground writes the admin's trust material into its directory:
 //! a publisher key and the signed measurement files of two node images
-//! (`node-v1.json`, `node-v2.json` and their `.sig`), the swtpm EK CA, and
-//! `playground.env` with the addresses `init` needs.
+//! (`node-v1.json`, `node-v2.json` and their `.sig`; for VM machines
+//! predicted from the UKIs of `cargo xtask node-image`, never read from a
+//! booted VM), the swtpm EK CA, and `playground.env` with the addresses
+//! `init` needs.
 
 pub mod host;
 pub mod node_images;
@@ -39,6 +41,21 @@ use p256::ecdsa::SigningKey;
 use p256::pkcs8::EncodePublicKey;
 
 pub use provider::SwtpmProvider;
+pub use vm_provider::QemuProvider;
+
+/// What the playground's machines are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Machines {
+    /// swtpm-backed processes: the real bootstrapper and the kubelet
+    /// stand-in (fast; no firmware, no kernel).
+    #[default]
+    Process,
+    /// QEMU VMs booting the node image under OVMF with a swtpm vTPM
+    /// ([`vm_provider`]), on `accel`.
+    Vm {
+        accel: confidential_testenv::vm::Accel,
+    },
+}
 
 /// The node images the playground's publisher signed measurements for.
 pub const IMAGE_V1: &str = "registry.example/confidential-node:v1";
@@ -61,6 +78,8 @@ pub struct Options {
     /// Run `kubectl confidential init` (else the user runs it, see
     /// [`Playground::init_args`]).
     pub init: bool,
+    /// What the machines are.
+    pub machines: Machines,
 }
 
 impl Default for Options {
@@ -70,6 +89,7 @@ impl Default for Options {
             max_surge: 1,
             dir: None,
             init: true,
+            machines: Machines::Process,
         }
     }
 }
@@ -110,8 +130,9 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The measurement file of a node image as the simulated firmware measures it.
-fn measurement_file(image: &str) -> Result<MeasurementFile> {
+/// The measurement file of a node image as the simulated firmware of
+/// process machines measures it.
+fn process_measurement_file(image: &str) -> Result<MeasurementFile> {
     Ok(MeasurementFile {
         image: image.to_owned(),
         measurements: Measurements::new(BTreeMap::from([(
@@ -125,8 +146,7 @@ fn measurement_file(image: &str) -> Result<MeasurementFile> {
 }
 
 /// Writes `FILE` (canonical bytes, exactly what is signed) and `FILE.sig`.
-fn write_signed(path: &Path, image: &str, publisher: &SigningKey) -> Result<()> {
-    let file = measurement_file(image)?;
+fn write_signed(path: &Path, file: &MeasurementFile, publisher: &SigningKey) -> Result<()> {
     std::fs::write(path, file.canonical_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     write(
@@ -193,8 +213,25 @@ impl Playground {
                 files.master_secret.display()
             );
         }
-        write_signed(&files.measurements_v1, IMAGE_V1, &publisher)?;
-        write_signed(&files.measurements_v2, IMAGE_V2, &publisher)?;
+        let images = match options.machines {
+            Machines::Process => None,
+            Machines::Vm { .. } => {
+                Some(Arc::new(node_images::NodeImages::new(&dir.join("images"))?))
+            }
+        };
+        for (path, image) in [
+            (&files.measurements_v1, IMAGE_V1),
+            (&files.measurements_v2, IMAGE_V2),
+        ] {
+            let file = match &images {
+                None => process_measurement_file(image)?,
+                Some(images) => {
+                    let images = images.clone();
+                    tokio::task::spawn_blocking(move || images.measurement_file(image)).await??
+                }
+            };
+            write_signed(path, &file, &publisher)?;
+        }
         write(
             &files.publisher_key,
             &publisher
@@ -215,6 +252,10 @@ impl Playground {
             gate_url: gate_url.clone(),
             join_endpoint: join_endpoint.clone(),
             ca,
+            machines: match (options.machines, images) {
+                (Machines::Vm { accel }, Some(images)) => host::HostMachines::Vm { accel, images },
+                _ => host::HostMachines::Process,
+            },
         })?;
         let playground = Self {
             client,

@@ -511,9 +511,10 @@ impl Provider for QemuProvider {
     }
 }
 
-impl Drop for QemuProvider {
-    fn drop(&mut self) {
-        // Every VM stops with its provider (QEMU, then its swtpm, by pid).
+impl QemuProvider {
+    /// Stops every machine (QEMU, then its swtpm, by pid) and removes their
+    /// files (blocking). The provider also does this when dropped.
+    pub fn shutdown(&self) {
         let slots = std::mem::take(&mut *lock(&self.slots));
         for (_, slot) in slots {
             slot.boot.abort();
@@ -522,6 +523,12 @@ impl Drop for QemuProvider {
                 tracing::warn!(error = %err, "removing a machine's files");
             }
         }
+    }
+}
+
+impl Drop for QemuProvider {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -65,6 +65,11 @@ pub struct Args {
         conflicts_with = "disk_key_file"
     )]
     pub state_device: Option<PathBuf>,
+    /// With --state-device: mount the opened volume here (ext4, created
+    /// only right after this node formatted the LUKS volume, never on an
+    /// existing one), e.g. `/var/lib` for containerd and the kubelet.
+    #[arg(long, env = "CONFIDENTIAL_STATE_MOUNT", requires = "state_device")]
+    pub state_mount: Option<PathBuf>,
     /// Without a device, write the state disk key here (mode 0600).
     #[arg(long, env = "CONFIDENTIAL_DISK_KEY_FILE")]
     pub disk_key_file: Option<PathBuf>,
@@ -149,8 +154,11 @@ pub enum EvidenceKind {
 /// Where the state disk key goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskTarget {
-    /// LUKS2 on this block device.
-    Luks(PathBuf),
+    /// LUKS2 on `device`, its file system mounted at `mount` when set.
+    Luks {
+        device: PathBuf,
+        mount: Option<PathBuf>,
+    },
     /// Written to this file (mode 0600).
     KeyFile(PathBuf),
     /// No state disk: the key is not used.
@@ -280,7 +288,10 @@ impl Args {
             }
         }
         let disk = match (self.state_device, self.disk_key_file) {
-            (Some(device), _) => DiskTarget::Luks(device),
+            (Some(device), _) => DiskTarget::Luks {
+                device,
+                mount: self.state_mount,
+            },
             (None, Some(file)) => DiskTarget::KeyFile(file),
             (None, None) => DiskTarget::None,
         };
@@ -440,7 +451,13 @@ mod tests {
             }
         );
         let c = parse(&["--state-device", "/dev/vdb"]).expect("valid");
-        assert_eq!(c.disk, DiskTarget::Luks("/dev/vdb".into()));
+        assert_eq!(
+            c.disk,
+            DiskTarget::Luks {
+                device: "/dev/vdb".into(),
+                mount: None
+            }
+        );
         let c = parse(&["--kubelet-bootstrap-kubeconfig", "/k"]).expect("valid");
         assert_eq!(c.kubelet, KubeletStart::BootstrapKubeconfig("/k".into()));
     }

@@ -69,10 +69,15 @@ fn unlock_state(
     key: &[u8; 32],
 ) -> Result<String> {
     match (disk, probe) {
-        (DiskTarget::Luks(device), Some(probe)) => {
+        (DiskTarget::Luks { device, mount }, Some(probe)) => {
             cryptsetup
                 .apply(device, probe, key)
                 .context("setting up the state disk")?;
+            if let Some(mount) = mount {
+                disk::StateFilesystem::default()
+                    .mount(probe, mount)
+                    .context("mounting the state disk")?;
+            }
             Ok(format!("LUKS2 state disk {}", device.display()))
         }
         (DiskTarget::KeyFile(path), _) => {
@@ -120,7 +125,17 @@ async fn run(config: Config) -> Result<()> {
     // Preflight: everything that can fail before the join.
     let cryptsetup = Cryptsetup::default();
     let probe = match &config.disk {
-        DiskTarget::Luks(device) => Some(cryptsetup.probe(device)?),
+        DiskTarget::Luks { device, mount } => {
+            if let Some(mount) = mount
+                && !mount.is_dir()
+            {
+                bail!(
+                    "--state-mount {}: no such directory (nothing was formatted)",
+                    mount.display()
+                );
+            }
+            Some(cryptsetup.probe(device)?)
+        }
         DiskTarget::KeyFile(path) => {
             check_parent("--disk-key-file", path)?;
             None

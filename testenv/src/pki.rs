@@ -153,6 +153,12 @@ impl ControlPlanePki {
             &[
                 IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                // What VM nodes dial (QEMU user networking's forward to
+                // this loopback API server, `crate::vm::GUEST_HOST_IP`):
+                // every client in the VM (the kubelet's bootstrap and its
+                // kubeconfig after TLS bootstrap) verifies the name it
+                // dials, with no per-client TLS server name override.
+                IpAddr::V4(Ipv4Addr::new(10, 0, 2, 100)),
             ],
         )?;
         let admin = ca.issue_client("kubernetes-admin", Some("system:masters"))?;

@@ -116,6 +116,42 @@ pub struct VmDisk {
     pub serial: String,
 }
 
+impl VmDisk {
+    /// A sparse, all-zero disk image of `size_mib` (a fresh state disk: the
+    /// node finds no LUKS header and formats it).
+    pub fn blank(path: &Path, size_mib: u64, serial: &str) -> Result<Self> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("creating disk image {}", path.display()))?;
+        file.set_len(size_mib * 1024 * 1024)?;
+        Ok(Self {
+            path: path.to_owned(),
+            serial: serial.to_owned(),
+        })
+    }
+
+    /// The node's unencrypted machine disk (serial `machine`): an empty ext4
+    /// file system made here, as a cloud image would ship its boot volume,
+    /// so the node never decides to format it. It holds only what the node
+    /// needs before it can unlock anything: its TPM-wrapped AK (useless
+    /// outside this vTPM) and the cluster ID.
+    pub fn machine(path: &Path) -> Result<Self> {
+        let disk = Self::blank(path, 16, "machine")?;
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "machine"])
+            .arg(path)
+            .output()
+            .context("running mkfs.ext4 (e2fsprogs)")?;
+        if !out.status.success() {
+            bail!(
+                "mkfs.ext4 {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(disk)
+    }
+}
+
 /// How a VM is set up beyond its UKI; the default is what [`Vm::boot`] does.
 #[derive(Clone, Debug)]
 pub struct VmOptions {

@@ -199,8 +199,19 @@ fn labels(meta: &ImageMeta) -> serde_json::Value {
     })
 }
 
-/// Builds the image from its layer files.
+/// Builds the image from its layer files; it runs `/<name>`.
 pub fn image(meta: &ImageMeta, files: &[LayerFile]) -> Result<Image> {
+    let entrypoint = format!("/{}", meta.name);
+    image_with_entrypoint(meta, files, &[entrypoint.as_str()])
+}
+
+/// Builds the image from its layer files with another entrypoint (the node
+/// image's busybox-based pause and demo images).
+pub fn image_with_entrypoint(
+    meta: &ImageMeta,
+    files: &[LayerFile],
+    entrypoint: &[&str],
+) -> Result<Image> {
     let tar = layer_tar(files, meta.mtime)?;
     let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
     let layer = Blob::new(gzip(&tar)?);
@@ -209,7 +220,7 @@ pub fn image(meta: &ImageMeta, files: &[LayerFile]) -> Result<Image> {
         "os": "linux",
         "config": {
             "User": format!("{NONROOT}:{NONROOT}"),
-            "Entrypoint": [format!("/{}", meta.name)],
+            "Entrypoint": entrypoint,
             "Env": ["PATH=/"],
             "WorkingDir": "/",
             "Labels": labels(meta),

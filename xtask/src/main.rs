@@ -5,7 +5,7 @@
 //! - `cargo xtask images [--out DIR] [--profile release|dev] [--no-build]` builds
 //!   the gate's and the operator's binaries and writes their OCI images
 //!   (layouts, archives, `images.json` with the digests; default `dist/`).
-//! - `cargo xtask node-image --version v1 [--out DIR] [--bootstrapper PATH]`
+//! - `cargo xtask node-image --version v1 [--out DIR] [--bootstrapper PATH] [--kubelet PATH]`
 //!   builds the node image UKI (default `target/node-image/`).
 
 use std::path::PathBuf;
@@ -117,6 +117,7 @@ fn node_image(args: &[String]) -> Result<()> {
     let mut version = None;
     let mut out = root.join("target/node-image");
     let mut bootstrapper = root.join("target/debug/confidential-bootstrapper");
+    let mut kubelet = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -124,6 +125,7 @@ fn node_image(args: &[String]) -> Result<()> {
             "--version" => version = Some(value.parse::<xtask::node_image::ImageVersion>()?),
             "--out" => out = PathBuf::from(value),
             "--bootstrapper" => bootstrapper = PathBuf::from(value),
+            "--kubelet" => kubelet = Some(PathBuf::from(value)),
             other => bail!("unknown flag {other}; see `cargo xtask help`"),
         }
     }
@@ -134,7 +136,16 @@ fn node_image(args: &[String]) -> Result<()> {
             bootstrapper.display()
         );
     }
-    let inputs = xtask::node_image::NodeImageInputs::system(bootstrapper)?;
+    let inputs = match kubelet {
+        Some(kubelet) => xtask::node_image::NodeImageInputs::node(bootstrapper, kubelet)?,
+        None => {
+            eprintln!(
+                "node-image: no --kubelet: the image reports its boot but runs no node \
+                 (the VM suite builds the kubelet into ~/.cache/kubectl-confidential/kubelet-k8s-v*/bin/kubelet)"
+            );
+            xtask::node_image::NodeImageInputs::system(bootstrapper)?
+        }
+    };
     let uki = xtask::node_image::build(&version, &inputs, &out)?;
     println!("wrote {}", uki.display());
     Ok(())
@@ -150,7 +161,7 @@ fn main() -> Result<()> {
         _ => bail!(
             "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR] \
              | cargo xtask images [--out DIR] [--profile release|dev] [--no-build] \
-             | cargo xtask node-image --version vN [--out DIR] [--bootstrapper PATH]"
+             | cargo xtask node-image --version vN [--out DIR] [--bootstrapper PATH] [--kubelet PATH]"
         ),
     }
 }

@@ -6,8 +6,8 @@
 //!
 //! Everything is read from the build machine into memory and placed at
 //! fixed archive paths, so no build path and no file time leaks into the
-//! image. The kubelet, containerd, runc and the CNI plugins join this list
-//! in "Boot to Ready" (see [`NodeOsInputs::extra_files`]).
+//! image. A node image adds the node runtime ([`super::runtime`]) and an
+//! init script that boots the node to a Kubernetes node.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,16 +27,37 @@ pub struct NodeOsInputs {
     pub busybox: PathBuf,
     /// The `confidential-bootstrapper` binary.
     pub bootstrapper: PathBuf,
-    /// Further files as `(archive path, host file, mode)`: where the kubelet,
-    /// containerd, runc and CNI plugins go once the node runs them.
+    /// Further files as `(archive path, host file, mode)`.
     pub extra_files: Vec<(String, PathBuf, u32)>,
+    /// The node runtime (containerd, runc, CNI, kubelet, the state disk's
+    /// tools and kernel modules, the baked images); `None` for an image that
+    /// only reports its boot.
+    pub runtime: Option<super::runtime::NodeRuntime>,
 }
 
-/// The init script: mounts the kernel file systems, prints the image version
-/// and the boot measurements (PCR values as the kernel reads them from the
-/// TPM, and the firmware's event log; both public, what a verifier is shown
-/// anyway) on the console, then hands over to the node agent.
+/// The init script of an image without the node runtime: the boot report,
+/// then idle.
 pub fn init_script() -> String {
+    format!(
+        "{}{}",
+        boot_report_script(),
+        r#"echo "node-image: waiting (this image carries no node runtime)"
+while true; do sleep 3600; done
+"#
+    )
+}
+
+/// The init script of a node: the boot report, then the node's boot
+/// ([`NODE_BOOT_SCRIPT`]).
+pub fn node_init_script() -> String {
+    format!("{}{NODE_BOOT_SCRIPT}", boot_report_script())
+}
+
+/// The start of every init script: mounts the kernel file systems, prints
+/// the image version and the boot measurements (PCR values as the kernel
+/// reads them from the TPM, and the firmware's event log; both public, what
+/// a verifier is shown anyway) on the console.
+fn boot_report_script() -> String {
     r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin
@@ -54,14 +75,88 @@ echo "node-image: END PCRS"
 echo "node-image: BEGIN EVENTLOG"
 cat /sys/kernel/security/tpm0/binary_bios_measurements | base64 | sed 's/^/node-image: eventlog /'
 echo "node-image: END EVENTLOG"
-# Boot to Ready starts here: the state disk, containerd, the kubelet and
-# `confidential-bootstrapper` (with --tcti device:/dev/tpmrm0) are started
-# by this script once the image carries them.
-echo "node-image: waiting (the node agent is not started by this image yet)"
-while true; do sleep 3600; done
 "#
     .to_owned()
 }
+
+/// The node's boot after the report. The launch configuration (fw_cfg, set
+/// by whoever starts the VM, so untrusted) is read line by line and only
+/// the four known keys are exported, never sourced as shell: the host
+/// cannot run code in the measured node through it, and the bootstrapper
+/// validates every value before the node uses it (a bad value stops the
+/// boot). The disks are told apart by their virtio serials: `state` (LUKS2,
+/// set up by the bootstrapper with the gate's key, mounted at /var/lib) and
+/// `machine` (holds the TPM-wrapped AK, useless elsewhere, and the cluster
+/// ID: what the node needs before it can unlock anything).
+pub const NODE_BOOT_SCRIPT: &str = r#"step() { echo "node-image: step $1 uptime=$(cut -d' ' -f1 /proc/uptime)"; }
+idle() { echo "node-image: $1"; while true; do sleep 3600; done; }
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+step modules
+for m in $(cat /etc/node-modules); do insmod /lib/modules/$m.ko || echo "node-image: insmod $m failed"; done
+mkdir -p /sys/fs/cgroup /run/kubelet /run/containerd /run/cryptsetup /machine /var/log /var/lib
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo "+cpu +cpuset +io +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+config=/sys/firmware/qemu_fw_cfg/by_name/opt/confidential/node.env/raw
+[ -r "$config" ] || idle "no launch configuration (fw_cfg opt/confidential/node.env); waiting"
+while IFS='=' read -r key value; do
+  case "$key" in
+    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS) export "$key=$value";;
+    *) echo "node-image: ignoring launch configuration key ${key%%[!A-Z_]*}";;
+  esac
+done < "$config"
+state= machine=
+for d in /sys/block/vd*; do
+  case "$(cat $d/serial 2>/dev/null)" in
+    state) state=/dev/${d##*/};;
+    machine) machine=/dev/${d##*/};;
+  esac
+done
+[ -n "$state" ] && [ -n "$machine" ] || idle "no state or machine disk attached; waiting"
+mount -t ext4 "$machine" /machine || idle "cannot mount the machine disk $machine; waiting"
+step join
+# Through a pipe: the console is a terminal, and the logs are read as plain text.
+{ confidential-bootstrapper --tcti device:/dev/tpmrm0 --pcrs 0,1,2,3,4,5,6,7,8,9,10,11,12,13 --state-device "$state" --state-mount /var/lib --ak-state /machine/ak.blob --cluster-id-state /machine/cluster-id --kubelet-bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig; echo $? > /run/bootstrapper.rc; } 2>&1 | cat
+rc=$(cat /run/bootstrapper.rc)
+[ $rc -eq 0 ] || idle "bootstrapper failed exit=$rc; the node stays down"
+boots=$(( $(cat /var/lib/node-boots 2>/dev/null || echo 0) + 1 ))
+echo $boots > /var/lib/node-boots
+echo "node-image: state disk open boots=$boots luks-uuid=$(cryptsetup luksUUID "$state")"
+step containerd
+mkdir -p /var/lib/containerd /var/lib/kubelet /var/log/pods
+containerd --config /etc/containerd/config.toml > /var/log/containerd.log 2>&1 &
+while [ ! -S /run/containerd/containerd.sock ]; do sleep 1; done
+for image in /usr/share/node-images/*.tar; do
+  ctr -n k8s.io images import --all-platforms "$image" > /dev/null || echo "node-image: import $image failed"
+done
+step kubelet
+kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" --node-ip 10.0.2.15 > /var/log/kubelet.log 2>&1 &
+kubelet=$!
+mkdir -p /run/pod-logs
+while true; do
+  sleep 5
+  if ! kill -0 $kubelet 2>/dev/null; then
+    tail -n 40 /var/log/kubelet.log | sed 's/^/node-image: kubelet-log /'
+    idle "kubelet exited"
+  fi
+  # New lines of the pods' logs, on the console (no kubelet port is
+  # reachable from outside the VM, so this is how a test sees them).
+  for log in /var/log/pods/*/*/*.log; do
+    [ -f "$log" ] || continue
+    pod=${log#/var/log/pods/}; pod=${pod%%/*}
+    mark=/run/pod-logs/$(echo "$log" | md5sum | cut -c1-16)
+    printed=$(cat "$mark" 2>/dev/null || echo 0)
+    total=$(wc -l < "$log")
+    if [ "$total" -gt "$printed" ]; then
+      sed -n "$((printed + 1)),${total}p" "$log" | sed "s|^|node-image: pod-log $pod |"
+      echo "$total" > "$mark"
+    fi
+  done
+done
+"#;
 
 /// `/etc/os-release` of an image version.
 pub fn os_release(version: &str) -> String {
@@ -110,11 +205,15 @@ pub fn archive(version: &str, inputs: &NodeOsInputs) -> Result<Archive> {
             contents: read(&inputs.busybox)?,
         },
     )?;
+    let init = match inputs.runtime {
+        Some(_) => node_init_script(),
+        None => init_script(),
+    };
     archive.add(
         "init",
         EntryKind::File {
             mode: 0o755,
-            contents: init_script().into_bytes(),
+            contents: init.into_bytes(),
         },
     )?;
     archive.add(
@@ -143,7 +242,15 @@ pub fn archive(version: &str, inputs: &NodeOsInputs) -> Result<Archive> {
         libraries.push(PathBuf::from(extra));
         libraries.extend(crate::ldd::libraries(Path::new(extra))?);
     }
-    for (path, host, mode) in &inputs.extra_files {
+    let mut binaries = inputs.extra_files.clone();
+    if let Some(runtime) = &inputs.runtime {
+        binaries.extend(super::runtime::binaries(runtime)?);
+        let busybox = read(&inputs.busybox)?;
+        for (path, mode, contents) in super::runtime::files(runtime, &busybox)? {
+            archive.add(&path, EntryKind::File { mode, contents })?;
+        }
+    }
+    for (path, host, mode) in &binaries {
         archive.add(
             path,
             EntryKind::File {

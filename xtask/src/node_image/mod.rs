@@ -12,6 +12,7 @@
 
 pub mod cpio;
 pub mod initramfs;
+pub mod runtime;
 pub mod uki;
 
 use std::io::Write;
@@ -79,7 +80,7 @@ pub fn cache_root() -> PathBuf {
 /// The cloud kernel's `vmlinuz`, unpacked from the Debian package into the
 /// cache (`apt-get download` + `dpkg -x`, never installed as the host's kernel).
 pub fn ensure_kernel() -> Result<PathBuf> {
-    let dir = cache_root().join(format!("kernel-{KERNEL_RELEASE}"));
+    let dir = kernel_dir();
     let vmlinuz = dir.join(format!("boot/vmlinuz-{KERNEL_RELEASE}"));
     if vmlinuz.exists() {
         return Ok(vmlinuz);
@@ -115,6 +116,16 @@ pub fn ensure_kernel() -> Result<PathBuf> {
     Ok(vmlinuz)
 }
 
+fn kernel_dir() -> PathBuf {
+    cache_root().join(format!("kernel-{KERNEL_RELEASE}"))
+}
+
+/// `lib/modules/<release>` of the cached kernel package.
+pub fn ensure_kernel_modules() -> Result<PathBuf> {
+    ensure_kernel()?;
+    Ok(kernel_dir().join(format!("lib/modules/{KERNEL_RELEASE}")))
+}
+
 /// Everything an image is built from.
 #[derive(Clone, Debug)]
 pub struct NodeImageInputs {
@@ -138,8 +149,19 @@ impl NodeImageInputs {
                 busybox: PathBuf::from(BUSYBOX),
                 bootstrapper,
                 extra_files: Vec::new(),
+                runtime: None,
             },
         })
+    }
+
+    /// A node image: the pinned inputs plus the node runtime with `kubelet`.
+    pub fn node(bootstrapper: PathBuf, kubelet: PathBuf) -> Result<Self> {
+        let mut inputs = Self::system(bootstrapper)?;
+        inputs.os.runtime = Some(runtime::NodeRuntime {
+            kubelet,
+            modules_dir: ensure_kernel_modules()?,
+        });
+        Ok(inputs)
     }
 }
 

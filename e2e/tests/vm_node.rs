@@ -1,0 +1,253 @@
+//! VM nodes boot to Ready for real: the node image (UKI) boots under OVMF
+//! with its own swtpm vTPM; inside, the bootstrapper quotes the vTPM over
+//! aTLS to the real gate (`confidential-webhook`, its policy built from the
+//! PCRs predicted from the UKI), gets its disk key and bootstrap token, sets
+//! up LUKS2 on a virtio disk (formats only when `cryptsetup isLuks` says "not
+//! LUKS"), mounts it at /var/lib, starts containerd and the kubelet, which
+//! does TLS bootstrap; the operator's approver approves; the Node becomes
+//! Ready and runs a pod from the image baked into the UKI.
+//!
+//! Each test boots as few VMs as its claim needs, one at a time (TCG takes a
+//! core per VM). `CONFIDENTIAL_VM_ACCEL=tcg` on machines whose KVM cannot run
+//! OVMF guests.
+
+mod vm_node_env;
+
+use anyhow::{Context, Result};
+use confidential_api::NodeAttestation;
+use confidential_testenv::eventually;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use vm_node_env::*;
+use xtask::node_image::runtime::{DEMO_IMAGE, DEMO_LOG_LINE};
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
+    let _one = ONE_VM_AT_A_TIME.lock().await;
+    let env = NodeEnv::start().await?;
+    let name = node_name();
+    let uuid = disk_uuid();
+    let disks = env.disks("a")?;
+    let tpm = env.dir.path().join("tpm-a");
+    let vm = env.boot(&env.uki, &name, &uuid, &disks, &tpm)?;
+    let (vm, _) = NodeEnv::console(vm, "node-image: step kubelet", patience(env.accel, 180))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    let console = vm.console();
+    assert!(
+        console.contains("probe=NotLuks"),
+        "a blank disk is probed as not LUKS"
+    );
+    assert!(console.contains("state disk open boots=1"), "{console}");
+
+    // The Node registers through TLS bootstrap and becomes Ready.
+    let nodes = Api::<Node>::all(env.cluster.client.clone());
+    let vm = std::sync::Arc::new(std::sync::Mutex::new(vm));
+    let watched = vm.clone();
+    eventually("the VM node to be Ready", patience(env.accel, 300), || {
+        let nodes = nodes.clone();
+        let name = name.clone();
+        let running = watched
+            .lock()
+            .map_err(|_| anyhow::anyhow!("VM lock"))
+            .and_then(|mut vm| vm.check_running());
+        async move {
+            running?;
+            Ok(nodes.get_opt(&name).await?.filter(node_ready).map(|_| ()))
+        }
+    })
+    .await
+    .with_context(|| {
+        vm.lock()
+            .map(|vm| format!("console:\n{}", vm.console()))
+            .unwrap_or_default()
+    })?;
+    let att = Api::<NodeAttestation>::all(env.cluster.client.clone())
+        .get(&name)
+        .await?;
+    assert_eq!(att.spec.image, IMAGE);
+    assert_eq!(att.spec.disk_uuid.as_deref(), Some(uuid.as_str()));
+
+    // A pod from the image baked into the UKI runs on it.
+    let pods = Api::<Pod>::namespaced(env.cluster.client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "demo" },
+        "spec": {
+            "nodeName": name,
+            "containers": [{ "name": "demo", "image": DEMO_IMAGE, "imagePullPolicy": "Never" }],
+            "automountServiceAccountToken": false,
+            "dnsPolicy": "Default",
+            "enableServiceLinks": false,
+        }
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    eventually(
+        "the demo pod's container to run",
+        patience(env.accel, 180),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("demo").await?;
+                let running = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .and_then(|c| c.state.as_ref())
+                    .and_then(|s| s.running.as_ref())
+                    .is_some();
+                Ok(running.then_some(()))
+            }
+        },
+    )
+    .await
+    .with_context(|| {
+        vm.lock()
+            .map(|vm| format!("console:\n{}", vm.console()))
+            .unwrap_or_default()
+    })?;
+    drop(watched);
+    let vm = std::sync::Arc::try_unwrap(vm)
+        .map_err(|_| anyhow::anyhow!("VM still shared"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("VM lock"))?;
+    let (vm, _) = NodeEnv::console(vm, DEMO_LOG_LINE, patience(env.accel, 60)).await?;
+    assert!(vm.console().contains("node-image: pod-log default_demo_"));
+    vm.stop();
+
+    // From the host: the state disk holds a LUKS2 header, nothing in clear.
+    assert_eq!(luks_version(&disks[0].path)?, Some(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebooted_vm_reopens_its_luks_volume_with_the_same_key() -> Result<()> {
+    let _one = ONE_VM_AT_A_TIME.lock().await;
+    let env = NodeEnv::start().await?;
+    let name = node_name();
+    let uuid = disk_uuid();
+    let disks = env.disks("r")?;
+    let tpm = env.dir.path().join("tpm-r");
+    let vm = env.boot(&env.uki, &name, &uuid, &disks, &tpm)?;
+    let (vm, _) = NodeEnv::console(vm, "state disk open boots=1", patience(env.accel, 180))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    let first = vm.console();
+    let first_uuid = console_field(&first, "state disk open", "luks-uuid").context("LUKS UUID")?;
+    assert!(first.contains("probe=NotLuks"), "{first}");
+    vm.stop();
+    assert_eq!(luks_version(&disks[0].path)?, Some(2));
+
+    // Same disk, same vTPM: the node opens the volume (same key), finds the
+    // file its first boot wrote, and formats nothing.
+    let vm = env.boot(&env.uki, &name, &uuid, &disks, &tpm)?;
+    let (vm, _) = NodeEnv::console(vm, "state disk open boots=2", patience(env.accel, 180))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    let second = vm.console();
+    vm.stop();
+    assert!(second.contains("probe=Luks"), "{second}");
+    assert!(!second.contains("luksFormat"), "reformatted:\n{second}");
+    assert!(!second.contains("made the state file system"), "{second}");
+    assert_eq!(
+        console_field(&second, "state disk open", "luks-uuid").as_deref(),
+        Some(first_uuid.as_str())
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_moved_to_another_vms_tpm_gets_no_key() -> Result<()> {
+    let _one = ONE_VM_AT_A_TIME.lock().await;
+    let env = NodeEnv::start().await?;
+    let owner = node_name();
+    let uuid = disk_uuid();
+    let disks = env.disks("m")?;
+    let vm = env.boot(
+        &env.uki,
+        &owner,
+        &uuid,
+        &disks,
+        &env.dir.path().join("tpm-owner"),
+    )?;
+    let (vm, _) = NodeEnv::console(vm, "state disk open boots=1", patience(env.accel, 180))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    vm.stop();
+
+    // The same disk (same UUID) in another VM, with another vTPM and a
+    // fresh machine disk: the gate derives the key for *that* machine's
+    // identity, which does not open the volume; the node stays down.
+    let thief = node_name();
+    let other_machine =
+        confidential_testenv::vm::VmDisk::machine(&env.dir.path().join("m-other-machine.img"))?;
+    let moved = [disks[0].clone(), other_machine];
+    let vm = env.boot(
+        &env.uki,
+        &thief,
+        &uuid,
+        &moved,
+        &env.dir.path().join("tpm-thief"),
+    )?;
+    let (vm, _) = NodeEnv::console(vm, "bootstrapper failed exit=", patience(env.accel, 180))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    let console = vm.console();
+    vm.stop();
+    assert!(console.contains("probe=Luks"), "{console}");
+    assert!(
+        console.contains("`cryptsetup open` on /dev/vdb failed"),
+        "{console}"
+    );
+    assert!(!console.contains("state disk open"), "{console}");
+    assert!(
+        !console.contains("luksFormat"),
+        "never reformatted: {console}"
+    );
+    assert!(!env.node_exists(&thief).await?, "no Node for the thief");
+    assert_eq!(luks_version(&disks[0].path)?, Some(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_booted_from_a_tampered_uki_is_refused_with_the_pcr_named() -> Result<()> {
+    let _one = ONE_VM_AT_A_TIME.lock().await;
+    let env = NodeEnv::start().await?;
+    let tampered = env.dir.path().join("tampered.efi");
+    tamper_initramfs(&env.uki, &tampered)?;
+    let name = node_name();
+    let disks = env.disks("t")?;
+    let vm = env.boot(
+        &tampered,
+        &name,
+        &disk_uuid(),
+        &disks,
+        &env.dir.path().join("tpm-t"),
+    )?;
+    let (vm, _) = NodeEnv::console(vm, "bootstrapper failed exit=", patience(env.accel, 240))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    let console = vm.console();
+    vm.stop();
+    assert!(console.contains("the gate refused the join"), "{console}");
+    assert!(console.contains("PCR 4 mismatch"), "{console}");
+    assert!(!console.contains("state disk open"), "{console}");
+    assert_eq!(
+        luks_version(&disks[0].path)?,
+        None,
+        "the disk was not touched"
+    );
+    let nodes = Api::<Node>::all(env.cluster.client.clone());
+    assert!(nodes.get_opt(&name).await?.is_none(), "no Node");
+    let atts = Api::<NodeAttestation>::all(env.cluster.client.clone());
+    assert!(atts.get_opt(&name).await?.is_none(), "no NodeAttestation");
+    Ok(())
+}

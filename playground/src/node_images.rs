@@ -55,6 +55,7 @@ pub fn image_version(image: &str) -> Result<ImageVersion, ImageRefError> {
 pub struct NodeImages {
     dir: PathBuf,
     bootstrapper: PathBuf,
+    kubelet: PathBuf,
     built: Mutex<BTreeMap<String, PathBuf>>,
 }
 
@@ -64,16 +65,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl NodeImages {
     /// UKIs go to `dir`; the node agent inside is the workspace's
-    /// `confidential-bootstrapper` (built when missing).
+    /// `confidential-bootstrapper` (built when missing), the kubelet the
+    /// one built from the control plane's Kubernetes module (cached).
     pub fn new(dir: &Path) -> Result<Self> {
         let bootstrapper = confidential_testenv::workspace_binary(
             "confidential-bootstrapper",
             "confidential-bootstrapper",
             "CONFIDENTIAL_BOOTSTRAPPER",
         )?;
+        let kubelet = confidential_testenv::binaries::ensure_kubelet()?;
         Ok(Self {
             dir: dir.to_owned(),
             bootstrapper,
+            kubelet,
             built: Mutex::new(BTreeMap::new()),
         })
     }
@@ -87,7 +91,7 @@ impl NodeImages {
             return Ok(path.clone());
         }
         let started = std::time::Instant::now();
-        let inputs = NodeImageInputs::system(self.bootstrapper.clone())?;
+        let inputs = NodeImageInputs::node(self.bootstrapper.clone(), self.kubelet.clone())?;
         let path = xtask::node_image::build(&version, &inputs, &self.dir)
             .with_context(|| format!("building the node image {}", version.as_str()))?;
         tracing::info!(version = version.as_str(), path = %path.display(), seconds = started.elapsed().as_secs_f64(), "built the node image");

@@ -28,6 +28,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use confidential_api::PendingNode;
 use confidential_api::conditions::{condition, set_condition};
+use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL, image_label_value};
 use confidential_controllers::provider::{
     Leave, LeaveRequest, Machine, MachineRequest, Provider, ProviderError,
 };
@@ -49,11 +50,18 @@ pub const ENV_POOL: &str = "CONFIDENTIAL_POOL";
 pub const ENV_GATE_ENDPOINTS: &str = "CONFIDENTIAL_GATE_ENDPOINTS";
 pub const ENV_GATE_PIN: &str = "CONFIDENTIAL_GATE_PIN";
 pub const ENV_DISK_UUID: &str = "CONFIDENTIAL_DISK_UUID";
+/// The labels the node's kubelet registers with (`--node-labels`): the
+/// pool and image identity labels, which the gate's admission checks
+/// against the machine's attestation (a wrong value is refused).
+pub const ENV_NODE_LABELS: &str = "CONFIDENTIAL_NODE_LABELS";
 /// The serial of the state disk (`/sys/block/vdX/serial` in the guest).
 pub const STATE_DISK_SERIAL: &str = "state";
 /// Size of each machine's state disk (a sparse file: only what the guest
 /// writes takes space).
-pub const STATE_DISK_BYTES: u64 = 2 << 30;
+pub const STATE_DISK_MIB: u64 = 2048;
+/// Memory of each VM (the issue's bound: at most 1 GiB; containerd, the
+/// kubelet and pods run in it).
+pub const VM_MEMORY_MIB: u32 = 1024;
 /// The condition type written on PendingNodes.
 pub const MACHINE_RUNNING: &str = "MachineRunning";
 /// What the node image's init prints first on the console.
@@ -96,6 +104,14 @@ impl LaunchConfig {
             (ENV_GATE_ENDPOINTS, self.gate_endpoints.join(",")),
             (ENV_GATE_PIN, hex::encode(self.gate_pin)),
             (ENV_DISK_UUID, disk_uuid.to_owned()),
+            (
+                ENV_NODE_LABELS,
+                format!(
+                    "{LABEL_NODE_POOL}={},{LABEL_NODE_IMAGE}={}",
+                    request.pool,
+                    image_label_value(&request.image)
+                ),
+            ),
         ] {
             if value.contains(['\n', '\r', '\0']) {
                 return Err(LaunchValueError { key, value });
@@ -367,17 +383,16 @@ fn start_vm(
     request: &MachineRequest,
 ) -> anyhow::Result<Vm> {
     let uki = images.uki(&request.image)?;
-    let disk = dir.join("state.raw");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(STATE_DISK_BYTES))
-        .with_context(|| format!("creating the state disk {}", disk.display()))?;
     let disk_uuid = uuid_v4(rand::random());
     let options = VmOptions {
+        memory_mib: VM_MEMORY_MIB,
         forwards: launch.forwards.clone(),
-        disks: vec![VmDisk {
-            path: disk,
-            serial: STATE_DISK_SERIAL.to_owned(),
-        }],
+        // The encrypted state disk, blank (the node formats it), and the
+        // small unencrypted machine disk for the TPM-wrapped AK.
+        disks: vec![
+            VmDisk::blank(&dir.join("state.raw"), STATE_DISK_MIB, STATE_DISK_SERIAL)?,
+            VmDisk::machine(&dir.join("machine.raw"))?,
+        ],
         node_config: Some(launch.node_env(request, &disk_uuid)?),
         ..VmOptions::default()
     };
@@ -569,7 +584,9 @@ mod tests {
                  CONFIDENTIAL_POOL=default\n\
                  CONFIDENTIAL_GATE_ENDPOINTS=10.0.2.100:9443,10.0.2.100:9444\n\
                  CONFIDENTIAL_GATE_PIN={}\n\
-                 CONFIDENTIAL_DISK_UUID=00000000-0000-4000-8000-000000000001\n",
+                 CONFIDENTIAL_DISK_UUID=00000000-0000-4000-8000-000000000001\n\
+                 CONFIDENTIAL_NODE_LABELS=confidential.dev/node-pool=default,\
+                 confidential.dev/node-image=registry.example_confidential-node_v1\n",
                 "ab".repeat(32)
             )
         );

@@ -178,6 +178,7 @@ async fn a_qemu_machine_boots_its_pools_image_reports_its_state_and_leaves_nothi
     );
     let state_disk = files.dir.join("state.raw");
     assert!(state_disk.metadata()?.len() >= 1 << 30, "a state disk");
+    assert!(files.dir.join("machine.raw").exists(), "a machine disk");
 
     // Idempotent by name: the same machine, no second VM.
     let again = provider.create_machine(&request(name, IMAGE_V2)).await?;

@@ -19,8 +19,8 @@ use anyhow::Result;
 use confidential_playground::{IMAGE_V1, IMAGE_V2};
 use confidential_testenv::vm::Accel;
 use roll::{
-    RollWatch, WatchSpec, attested_pool_nodes, join_timeout, leftovers, qemu_provider,
-    vm_playground, wait_machines_running,
+    DEMO_NAMESPACE, RollWatch, WatchSpec, attested_pool_nodes, deploy_demo, join_timeout,
+    leftovers, qemu_provider, vm_playground, wait_demo_pods, wait_machines_running,
 };
 
 /// VM machines in the pool (TCG is slow and the machine has 2 cores).
@@ -55,12 +55,17 @@ async fn a_vm_pool_rolls_to_v2_and_no_donor_goes_before_its_heir_is_attested() -
         "every node is one of the provider's machines"
     );
 
+    // Real containers of the image baked into the node image, under a PDB.
+    deploy_demo(&client).await?;
+    let on = wait_demo_pods(&client, 2, join_timeout(accel)).await?;
+    assert!(on.iter().all(|n| v1_nodes.contains(n)), "{on:?}");
+
     let watch = RollWatch::start(
         client.clone(),
         provider.clone(),
         WatchSpec {
             image: IMAGE_V2.to_owned(),
-            pods: None,
+            pods: Some((DEMO_NAMESPACE.to_owned(), 1)),
         },
     );
     playground.upgrade(IMAGE_V2).await?;
@@ -79,12 +84,18 @@ async fn a_vm_pool_rolls_to_v2_and_no_donor_goes_before_its_heir_is_attested() -
         },
     )
     .await?;
+    // The pods were evicted (never deleted past the PDB) and run on the heirs.
+    let on = wait_demo_pods(&client, 2, join_timeout(accel)).await?;
     let record = watch.finish().await?;
     eprintln!("roll: {record:?}");
     assert!(
         record.violations.is_empty(),
         "invariants violated: {:?}",
         record.violations
+    );
+    assert!(
+        on.iter().all(|n| v2_nodes.contains(n)),
+        "{on:?} / {v2_nodes:?}"
     );
     assert!(
         v2_nodes.is_disjoint(&v1_nodes),

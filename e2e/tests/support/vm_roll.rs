@@ -285,6 +285,120 @@ pub async fn attested_pool_nodes(client: &kube::Client, image: &str) -> Result<B
     Ok(nodes)
 }
 
+/// Namespace of the demo workload.
+pub const DEMO_NAMESPACE: &str = "demo";
+
+/// A Deployment of 2 replicas of the demo image baked into the node image
+/// (real containers, `imagePullPolicy: Never`: no registry), a
+/// PodDisruptionBudget `minAvailable: 1`, and an ImagePolicy covering the
+/// namespace in `Warn` mode: the baked image is imported by tag only
+/// (`ctr images import` without `--digests`), so a digest-pinned reference
+/// would not resolve on the node, and `Enforce` refuses tag references.
+pub async fn deploy_demo(client: &kube::Client) -> Result<()> {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+    let demo_image = xtask::node_image::runtime::DEMO_IMAGE;
+    let objects = [
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}}),
+        serde_json::json!({
+            "apiVersion": "confidential.dev/v1alpha1", "kind": "ImagePolicy",
+            "metadata": {"name": DEMO_NAMESPACE},
+            "spec": {"mode": "Warn", "namespaces": [DEMO_NAMESPACE]}
+        }),
+        serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "demo", "namespace": DEMO_NAMESPACE},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "demo"}},
+                "template": {
+                    "metadata": {"labels": {"app": "demo"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 5,
+                        "containers": [{"name": "demo", "image": demo_image, "imagePullPolicy": "Never"}]
+                    }
+                }
+            }
+        }),
+        serde_json::json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": "demo", "namespace": DEMO_NAMESPACE},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "demo"}}}
+        }),
+    ];
+    for object in objects {
+        let object: DynamicObject = serde_json::from_value(object)?;
+        let types = object
+            .types
+            .clone()
+            .context("object without apiVersion/kind")?;
+        let (group, version) = match types.api_version.split_once('/') {
+            Some((g, v)) => (g.to_owned(), v.to_owned()),
+            None => (String::new(), types.api_version.clone()),
+        };
+        let plural = match types.kind.as_str() {
+            "PodDisruptionBudget" => "poddisruptionbudgets".to_owned(),
+            "ImagePolicy" => "imagepolicies".to_owned(),
+            kind => format!("{}s", kind.to_lowercase()),
+        };
+        let resource = ApiResource {
+            group,
+            version,
+            api_version: types.api_version.clone(),
+            kind: types.kind.clone(),
+            plural,
+        };
+        let api: Api<DynamicObject> = match object.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(
+            &object.name_any(),
+            &PatchParams::apply("vm-roll-test").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .with_context(|| format!("applying {} {}", types.kind, object.name_any()))?;
+    }
+    Ok(())
+}
+
+/// Waits until `count` demo pods are Running and Ready; returns their nodes.
+pub async fn wait_demo_pods(
+    client: &kube::Client,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
+    loop {
+        if healthy_pods(client, DEMO_NAMESPACE).await? >= count {
+            let list = pods.list(&ListParams::default()).await?;
+            return Ok(list
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+                .collect());
+        }
+        if Instant::now() > deadline {
+            let phases: Vec<String> = pods
+                .list(&ListParams::default())
+                .await?
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}: {:?}",
+                        p.name_any(),
+                        p.status.as_ref().and_then(|s| s.container_statuses.clone())
+                    )
+                })
+                .collect();
+            bail!("{count} demo pods did not run within {timeout:?}: {phases:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Whether every process and file of a deleted machine is gone.
 pub fn leftovers(files: &MachineFiles) -> Vec<String> {
     let mut left = Vec::new();

@@ -360,7 +360,8 @@ pub struct NodeAttestationStatus {
 // PendingNode
 // ---------------------------------------------------------------------------
 
-/// A machine being created (to join) or removed (to leave).
+/// A machine being created to join a pool, until its Node joined (then the
+/// record is deleted) or its join failed.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "confidential.dev",
@@ -388,21 +389,20 @@ pub struct PendingNodeSpec {
     pub deadline: Time,
 }
 
-/// What a pending machine is meant to do.
+/// What a pending machine is meant to do. Only joining is recorded: a
+/// machine leaves with its Node (cordon, drain, delete), which needs no
+/// record of its own.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum PendingGoal {
     Join,
-    Leave,
 }
 
-/// Where a pending machine stands.
+/// Where a pending machine stands: created and not yet joined, or failed
+/// (its record is deleted once its Node joined).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum PendingState {
     #[default]
     Creating,
-    Joined,
-    Leaving,
-    Gone,
     Failed,
 }
 

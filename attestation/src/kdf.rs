@@ -118,11 +118,6 @@ impl MasterSecret {
         self.disk_key(&format!("{identity}/{disk_uuid}"))
     }
 
-    /// The measurement secret handed to joined nodes.
-    pub fn measurement_secret(&self) -> [u8; 32] {
-        self.derive32("measurement-secret")
-    }
-
     /// The cluster ID nodes extend into a PCR after joining.
     pub fn cluster_id(&self) -> [u8; 32] {
         self.derive32("cluster-id")
@@ -168,7 +163,7 @@ mod tests {
         let m = master();
         assert_eq!(m.disk_key("ABC"), master().disk_key("abc"));
         assert_ne!(m.disk_key("a"), m.disk_key("b"));
-        assert_ne!(m.measurement_secret(), m.cluster_id());
+        assert_ne!(m.disk_key("cluster-id")[..], m.cluster_id()[..]);
         let other = MasterSecret::new(vec![7; 32], b"pepper".to_vec()).expect("ok");
         assert_ne!(m.cluster_id(), other.cluster_id());
         assert_eq!(m.derive("cluster-id", 32).expect("ok"), m.cluster_id());
@@ -210,6 +205,11 @@ mod tests {
         assert_eq!(
             hex::encode(master().cluster_id()),
             "5b8347292859ff11a4bb14b76c8b69849a5d7c4937e2714de1ad2175f136f28e"
+        );
+        // info "key-disk-ab12/5e1f0000-0000-4000-8000-000000000001".
+        assert_eq!(
+            hex::encode(master().node_disk_key("ab12", "5e1f0000-0000-4000-8000-000000000001")),
+            "b6980d4305940908a0f0c5c37c5a8488fbd20c404330ebfbc7c4e47580be0be4"
         );
     }
 }

@@ -62,8 +62,6 @@ pub struct JoinResponse {
     pub ca_pin: String,
     #[serde(with = "b64")]
     pub disk_key: Vec<u8>,
-    #[serde(with = "b64")]
-    pub measurement_secret: Vec<u8>,
     /// Hex cluster ID the node extends into its PCR.
     pub cluster_id: String,
 }
@@ -127,8 +125,6 @@ pub struct RecoveryOffer {
 pub struct RecoveryKeys {
     #[serde(with = "b64")]
     pub disk_key: Vec<u8>,
-    #[serde(with = "b64")]
-    pub measurement_secret: Vec<u8>,
     /// Hex cluster ID the node must already hold.
     pub cluster_id: String,
 }

@@ -332,7 +332,6 @@ pub(crate) mod tests {
             ca_pem: "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n".into(),
             ca_pin: format!("sha256:{}", "ab".repeat(32)),
             disk_key: vec![7; 32],
-            measurement_secret: vec![8; 32],
             cluster_id: hex::encode([9u8; 32]),
         }
     }

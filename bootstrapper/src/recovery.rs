@@ -84,9 +84,6 @@ pub fn accept_keys(keys: &RecoveryKeys, cluster_id: &[u8; 32]) -> Result<[u8; 32
         what,
         len: bytes.len(),
     };
-    if keys.measurement_secret.len() != 32 {
-        return Err(length("measurement secret", &keys.measurement_secret));
-    }
     <[u8; 32]>::try_from(keys.disk_key.as_slice()).map_err(|_| length("disk key", &keys.disk_key))
 }
 
@@ -310,7 +307,6 @@ mod tests {
     fn keys() -> RecoveryKeys {
         RecoveryKeys {
             disk_key: vec![7; 32],
-            measurement_secret: vec![8; 32],
             cluster_id: hex::encode([9u8; 32]),
         }
     }
@@ -332,10 +328,6 @@ mod tests {
             (|k| k.cluster_id = "09".into(), "not 32 hex"),
             (|k| k.disk_key = vec![7; 31], "disk key is 31 bytes"),
             (|k| k.disk_key = Vec::new(), "disk key is 0 bytes"),
-            (
-                |k| k.measurement_secret = vec![1; 33],
-                "measurement secret is 33 bytes",
-            ),
         ];
         for (tamper, says) in cases {
             let mut k = keys();

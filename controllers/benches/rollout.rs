@@ -97,7 +97,12 @@ impl ControllerProcess {
 
     async fn stop(mut self) {
         // Only the process this benchmark started, by its handle.
-        let _ = self.child.kill().await;
+        if let Err(error) = self.child.kill().await {
+            eprintln!(
+                "stopping confidential-controllers (pid {}): {error}",
+                self.pid
+            );
+        }
     }
 }
 

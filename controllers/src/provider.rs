@@ -2,15 +2,18 @@
 //!
 //! A provider creates a machine for a pool and a node image under a node name
 //! the controller chose (so the Node, the NodeAttestation and the PendingNode
-//! all share it), deletes a machine by that name, and lists the machines of a
-//! pool. Every call must be idempotent: the controller repeats calls after a
-//! restart. Implementations: [`crate::sim_provider::SimProvider`] (tests,
-//! benchmarks, playground). A Cluster API provider maps machines to
-//! `Machine` objects (name = node name, `spec.bootstrap.dataSecretName`
-//! carrying the image); a scaling-group provider maps them to instances it
-//! launches with the node name in user data and deletes by instance id.
-//! Control-plane machines also leave etcd before they go
-//! ([`Provider::leave_control_plane`], see [`crate::etcd`]).
+//! all share it) and deletes a machine by that name. Every call must be
+//! idempotent: the controller repeats calls after a restart.
+//! Implementations: [`RecordOnly`], the shipped one (machines are the
+//! PendingNodes it records; a Cluster API or autoscaler bridge creates
+//! them), and the test environment's simulated cloud
+//! (`confidential_testenv::cloud`, for suites, benchmarks and the
+//! playground; never in a shipped binary). A Cluster API provider maps
+//! machines to `Machine` objects (name = node name,
+//! `spec.bootstrap.dataSecretName` carrying the image); a scaling-group
+//! provider maps them to instances it launches with the node name in user
+//! data and deletes by instance id. Control-plane machines also leave etcd
+//! before they go ([`Provider::leave_control_plane`], see [`crate::etcd`]).
 
 use futures::future::BoxFuture;
 

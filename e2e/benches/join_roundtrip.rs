@@ -22,11 +22,11 @@ use confidential_api::{AttestationPolicy, NodeVersion};
 use confidential_attestation::atls::{self, AtlsClient, PURPOSE_JOIN};
 use confidential_attestation::evidence::{Evidence, EvidenceEnvelope};
 use confidential_attestation::kdf::MasterSecret;
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
 use confidential_attestation::protocol::{
     ActivateRequest, JoinChallenge, JoinRequest, PATH_ACTIVATE, PATH_JOIN,
 };
 use confidential_attestation::tpm::issuer::TpmIssuer;
+use confidential_testenv::fixtures::{self, Publisher};
 use confidential_testenv::node::{IMAGE_PCR, NodeImage};
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
 use confidential_testenv::{TestCluster, crds_dir, install_crds, unique_name};
@@ -36,7 +36,6 @@ use confidential_webhook::state::{self, Stores};
 use confidential_webhook::verify::TrustCache;
 use kube::api::{Api, PostParams};
 use kube::runtime::reflector::ObjectRef;
-use p256::pkcs8::EncodePublicKey;
 use serde_json::json;
 
 /// Nearest-rank percentile of sorted samples.
@@ -170,34 +169,14 @@ async fn main() -> Result<()> {
     let image = NodeImage::new("bench-image");
     let tpm = Swtpm::start(&ca)?;
     tpm.measure_boot(IMAGE_PCR, &image.components)?;
-    let key = p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
-    let file = MeasurementFile {
-        image: image.name.clone(),
-        measurements: Measurements::new(BTreeMap::from([(
-            u8::try_from(IMAGE_PCR)?,
-            Expected {
-                expected: image.expected_pcr(),
-                warn_only: false,
-            },
-        )]))?,
-    };
-    let public_pem = key
-        .verifying_key()
-        .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let policy: AttestationPolicy = serde_json::from_value(json!({
-        "metadata": { "name": "bench" },
-        "spec": {
-            "evidenceKinds": ["Tpm"],
-            "tpm": { "ekCaCertificates": [ca.issuer_pem()?] },
-            "publishers": [{ "name": "p", "publicKey": public_pem }],
-            "images": [{
-                "image": image.name,
-                "measurements": { IMAGE_PCR.to_string(): { "expected": hex::encode(image.expected_pcr()) } },
-                "publisher": "p", "signature": file.sign(&key),
-            }],
-        }
-    }))?;
+    let publisher = Publisher::random("p");
+    let mut spec = fixtures::policy_spec(
+        Some(&ca.issuer_pem()?),
+        &[&publisher],
+        vec![publisher.entry(&fixtures::node_image_file(&image))],
+    );
+    spec.reattestation_interval = None;
+    let policy = AttestationPolicy::new("bench", spec);
     Api::<AttestationPolicy>::all(client.clone())
         .create(&PostParams::default(), &policy)
         .await?;

@@ -19,9 +19,9 @@ use confidential_api::keys::ANNOTATION_TOKEN_NODE_NAME;
 use confidential_attestation::atls::{self, AtlsClient, AtlsPeer, PURPOSE_JOIN};
 use confidential_attestation::evidence::{Evidence, EvidenceEnvelope};
 use confidential_attestation::kdf::MasterSecret;
-use confidential_attestation::measurements::{MeasurementFile, Measurements};
 use confidential_attestation::protocol::{JoinRequest, PATH_JOIN};
 use confidential_attestation::tpm::issuer::{TpmIssuer, read_pcrs_blocking};
+use confidential_testenv::fixtures::{self, Publisher};
 use confidential_testenv::node::{IMAGE_PCR, NodeImage, SimulatedNode};
 use confidential_testenv::swtpm::SwtpmCa;
 use confidential_testenv::{eventually, unique_name};
@@ -42,9 +42,7 @@ async fn trusted_node_joins_and_its_kubelet_gets_a_signed_certificate() -> Resul
     // The node pins the gate by the pin `confidential-webhook gate-pin`
     // prints for the cluster's master secret.
     let pin = gate_pin_of(&env)?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &["--gate-pin", &pin])
-        .await?;
+    let out = env.run(&node, &["--gate-pin", &pin]).await?;
     assert!(out.success, "bootstrapper failed:\n{}", out.log);
 
     let att = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
@@ -144,19 +142,13 @@ async fn trusted_node_joins_and_its_kubelet_gets_a_signed_certificate() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_pcr_is_refused() -> Result<()> {
     let env = Env::start().await?;
-    let before = env.snapshot().await?;
     let node = SimulatedNode::boot(
         &env.ca,
         &unique_name("node"),
         &NodeImage::new("tampered-image"),
         env.gate_pin()?,
     )?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(!out.success, "a node with a wrong PCR joined:\n{}", out.log);
-    assert!(out.log.contains("pcr-mismatch"), "{}", out.log);
-    assert_eq!(env.snapshot().await?, before);
+    env.refused(&node, &[], "pcr-mismatch").await?;
     assert_eq!(env.gate.metrics.refused("pcr-mismatch"), 1);
     Ok(())
 }
@@ -257,15 +249,9 @@ async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ek_not_certified_by_a_trusted_ca_is_refused() -> Result<()> {
     let env = Env::start().await?;
-    let before = env.snapshot().await?;
     let rogue_ca = SwtpmCa::new()?;
     let node = SimulatedNode::boot(&rogue_ca, &unique_name("node"), &env.image, env.gate_pin()?)?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(!out.success, "{}", out.log);
-    assert!(out.log.contains("ek-untrusted"), "{}", out.log);
-    assert_eq!(env.snapshot().await?, before);
+    env.refused(&node, &[], "ek-untrusted").await?;
     Ok(())
 }
 
@@ -311,28 +297,14 @@ async fn tampered_quote_bytes_are_refused() -> Result<()> {
 async fn second_node_claiming_an_attested_name_is_refused() -> Result<()> {
     let env = Env::start().await?;
     let name = unique_name("node");
-    let first = env.boot(&name)?;
-    let out = first
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(out.success, "{}", out.log);
+    let first = env.joined(&name).await?;
     let admin = env.client();
     let _kubelet = first
         .start_kubelet(|csr| async move { approve(&admin, &csr).await })
         .await?;
-    let before = env.snapshot().await?;
-
+    // Refused, and the attestation still names the first AK.
     let impostor = env.boot(&name)?;
-    let out = impostor
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(!out.success, "{}", out.log);
-    assert!(out.log.contains("name-taken"), "{}", out.log);
-    assert_eq!(
-        env.snapshot().await?,
-        before,
-        "the attestation must still name the first AK"
-    );
+    env.refused(&impostor, &[], "name-taken").await?;
     Ok(())
 }
 
@@ -340,11 +312,7 @@ async fn second_node_claiming_an_attested_name_is_refused() -> Result<()> {
 async fn bootstrap_token_is_single_use() -> Result<()> {
     let env = Env::start().await?;
     let name = unique_name("node");
-    let node = env.boot(&name)?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(out.success, "{}", out.log);
+    let node = env.joined(&name).await?;
     // The real CSR approver: it approves the kubelet CSR of the node the
     // token was issued to and then deletes the token.
     let admin = env.client();
@@ -402,24 +370,15 @@ async fn bootstrap_token_is_single_use() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measurement_file_with_a_bad_signature_is_refused() -> Result<()> {
-    let other = signing_key();
+    let rogue = Publisher::random("rogue");
     let env = Env::start_with(|spec| {
         // A signature by a key that is not the listed publisher's.
-        let file = MeasurementFile {
-            image: "x".into(),
-            measurements: Measurements::default(),
-        };
-        spec["images"][0]["signature"] = json!(file.sign(&other));
+        let file = fixtures::measurement_file("x", &[]);
+        spec["images"][0]["signature"] = json!(rogue.sign(&file));
     })
     .await?;
-    let before = env.snapshot().await?;
     let node = env.boot(&unique_name("node"))?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(!out.success, "{}", out.log);
-    assert!(out.log.contains("measurements-signature"), "{}", out.log);
-    assert_eq!(env.snapshot().await?, before);
+    env.refused(&node, &[], "measurements-signature").await?;
     Ok(())
 }
 
@@ -491,20 +450,14 @@ async fn joined_node_attests_over_atls_and_rejoins_with_the_same_disk_key() -> R
     std::fs::remove_file(node.disk_key_file())?;
     env.wait_cached(&name).await?;
     let before = env.snapshot().await?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &["--rejoin"])
-        .await?;
+    let out = env.run(&node, &["--rejoin"]).await?;
     assert!(out.success, "{}", out.log);
     assert_eq!(std::fs::read(node.disk_key_file())?, disk_key);
     assert_eq!(env.snapshot().await?.0, before.0, "rejoin issues no token");
 
     // Another machine cannot rejoin under that name.
     let other = env.boot(&name)?;
-    let out = other
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &["--rejoin"])
-        .await?;
-    assert!(!out.success, "{}", out.log);
-    assert!(out.log.contains("name-taken"), "{}", out.log);
+    env.refused(&other, &["--rejoin"], "name-taken").await?;
     Ok(())
 }
 
@@ -563,11 +516,7 @@ async fn a_name_stays_with_its_attested_machine_without_a_node_until_its_attesta
 -> Result<()> {
     let env = Env::start().await?;
     let name = unique_name("node");
-    let old = env.boot(&name)?;
-    let out = old
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(out.success, "{}", out.log);
+    env.joined(&name).await?;
     let first = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
     env.wait_cached(&name).await?;
     // The old machine never registered a Node: the name is still its own.
@@ -577,18 +526,10 @@ async fn a_name_stays_with_its_attested_machine_without_a_node_until_its_attesta
             .await?
             .is_none()
     );
-    let before = env.snapshot().await?;
+    // A second machine cannot take the attested name: nothing written, no
+    // token.
     let new = env.boot(&name)?;
-    let out = new
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(
-        !out.success,
-        "a second machine took an attested name:\n{}",
-        out.log
-    );
-    assert!(out.log.contains("name-taken"), "{}", out.log);
-    assert_eq!(env.snapshot().await?, before, "nothing written, no token");
+    env.refused(&new, &[], "name-taken").await?;
 
     // Releasing the name is the operator's or the admin's act: deleting the
     // NodeAttestation. Then the replacement may join, and the name moves.
@@ -596,9 +537,7 @@ async fn a_name_stays_with_its_attested_machine_without_a_node_until_its_attesta
         .delete(&name, &DeleteParams::default())
         .await?;
     env.wait_cached(&name).await?;
-    let out = new
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
+    let out = env.run(&new, &[]).await?;
     assert!(out.success, "{}", out.log);
     let second = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
     assert_ne!(first.spec.ak_fingerprint, second.spec.ak_fingerprint);

@@ -116,11 +116,7 @@ async fn a_machine_gets_only_the_key_of_its_own_recorded_disk() -> Result<()> {
 async fn a_deleted_attestation_is_not_honoured_from_a_stale_cache() -> Result<()> {
     let mut env = Env::start().await?;
     let name = unique_name("node");
-    let node = env.boot(&name)?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(out.success, "{}", out.log);
+    let node = env.joined(&name).await?;
     env.wait_cached(&name).await?;
     // A gate whose caches froze with the attestation in them (the extreme of
     // a lagging watch), while the admin revokes the machine.
@@ -199,11 +195,7 @@ async fn join_attempts_are_limited_per_source_address() -> Result<()> {
     assert!(refused.message.contains("retry in"), "{}", refused.message);
     // A real machine from the same address is limited too.
     let node = env.boot(&unique_name("node"))?;
-    let out = node
-        .run_bootstrapper(std::slice::from_ref(&env.addr), &[])
-        .await?;
-    assert!(!out.success, "{}", out.log);
-    assert!(out.log.contains("rate-limited"), "{}", out.log);
+    env.refused(&node, &[], "rate-limited").await?;
     assert_eq!(env.snapshot().await?, before);
     assert_eq!(env.gate.metrics.refused("rate-limited"), 2);
     Ok(())

@@ -31,26 +31,19 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn allowed(
+/// Whether the API server's authorizer lets `user` in `groups` do what
+/// `attributes` name.
+async fn authorized(
     client: &kube::Client,
-    account: &str,
-    verb: &str,
-    resource: &str,
-    sub: Option<&str>,
+    user: &str,
+    groups: &[&str],
+    attributes: ResourceAttributes,
 ) -> Result<bool> {
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
-            user: Some(format!(
-                "system:serviceaccount:confidential-system:{account}"
-            )),
-            groups: Some(vec!["system:serviceaccounts".into()]),
-            resource_attributes: Some(ResourceAttributes {
-                verb: Some(verb.into()),
-                resource: Some(resource.into()),
-                subresource: sub.map(Into::into),
-                namespace: Some("default".into()),
-                ..Default::default()
-            }),
+            user: Some(user.to_owned()),
+            groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
+            resource_attributes: Some(attributes),
             ..Default::default()
         },
         ..Default::default()
@@ -59,6 +52,60 @@ async fn allowed(
         .create(&PostParams::default(), &review)
         .await?;
     Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// What a service account of the install may do in `default`.
+async fn allowed(
+    client: &kube::Client,
+    account: &str,
+    verb: &str,
+    resource: &str,
+    sub: Option<&str>,
+) -> Result<bool> {
+    let user = format!("system:serviceaccount:confidential-system:{account}");
+    let attributes = ResourceAttributes {
+        verb: Some(verb.into()),
+        resource: Some(resource.into()),
+        subresource: sub.map(Into::into),
+        namespace: Some("default".into()),
+        ..Default::default()
+    };
+    authorized(client, &user, &["system:serviceaccounts"], attributes).await
+}
+
+/// What a join token the gate issued may do: the groups the API server gives
+/// a bootstrap token with our auth-extra-groups. `resource` is `plural` or
+/// `plural.group`.
+async fn join_token_allowed(
+    client: &kube::Client,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+    name: Option<&str>,
+) -> Result<bool> {
+    authorized(
+        client,
+        "system:bootstrap:abcdef",
+        &[
+            "system:bootstrappers",
+            "system:bootstrappers:confidential:attested-node",
+            "system:authenticated",
+        ],
+        ResourceAttributes {
+            verb: Some(verb.into()),
+            resource: Some(
+                resource
+                    .split_once('.')
+                    .map_or(resource, |(plural, _)| plural)
+                    .into(),
+            ),
+            group: resource.split_once('.').map(|(_, group)| group.into()),
+            namespace: Some(namespace.into()),
+            name: name.map(Into::into),
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,6 +157,53 @@ async fn install_manifests_apply_with_least_privilege_and_fail_closed() -> Resul
     // The gate reads nodes but never changes them.
     assert!(!allowed(client, "confidential-webhook", "update", "nodes", None).await?);
     assert!(!allowed(client, "confidential-webhook", "delete", "pods", Some("")).await?);
+
+    // A join token submits its CSR and makes exactly kubeadm join's reads:
+    // two ConfigMaps by name and Nodes; nothing else.
+    assert!(
+        join_token_allowed(
+            client,
+            "create",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            None
+        )
+        .await?
+    );
+    for config in ["kubeadm-config", "kubelet-config"] {
+        assert!(
+            join_token_allowed(client, "get", "configmaps", "kube-system", Some(config)).await?,
+            "{config}"
+        );
+    }
+    assert!(join_token_allowed(client, "get", "nodes", "", Some("any-node")).await?);
+    for (verb, resource, namespace, name) in [
+        ("get", "configmaps", "kube-system", Some("coredns")),
+        ("list", "configmaps", "kube-system", None),
+        ("get", "configmaps", "default", Some("kubeadm-config")),
+        (
+            "update",
+            "configmaps",
+            "kube-system",
+            Some("kubeadm-config"),
+        ),
+        ("get", "secrets", "kube-system", None),
+        ("list", "nodes", "", None),
+        ("update", "nodes", "", Some("any-node")),
+        ("create", "nodes", "", None),
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            None,
+        ),
+        ("create", "nodeattestations.confidential.dev", "", None),
+    ] {
+        assert!(
+            !join_token_allowed(client, verb, resource, namespace, name).await?,
+            "a join token may {verb} {resource} {namespace}/{name:?}"
+        );
+    }
 
     // No gate is running: covered objects are refused (fail closed) ...
     let pod = |ns: &str| -> Result<Pod> {

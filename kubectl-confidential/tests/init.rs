@@ -347,17 +347,29 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
     // A file signed by another key.
     let forged = d.join("forged.json");
     std::fs::copy(&playground.files.measurements_v2, &forged)?;
-    let other_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])?;
+    let other = confidential_testenv::fixtures::Publisher::seeded("other", 7);
     let file = confidential_attestation::measurements::MeasurementFile::from_canonical_json(
         &std::fs::read(&forged)?,
     )?;
-    std::fs::write(d.join("forged.json.sig"), file.sign(&other_key) + "\n")?;
+    std::fs::write(d.join("forged.json.sig"), other.sign(&file) + "\n")?;
     let foreign_images = d.join("foreign-images.json");
     std::fs::write(
         &foreign_images,
         json!({"images": [{"name": "ghcr.io/elsewhere/gate", "digest": format!("sha256:{}", "00".repeat(32))}]})
             .to_string(),
     )?;
+    let gate_only_images = d.join("gate-only-images.json");
+    std::fs::write(
+        &gate_only_images,
+        json!({"images": [{"name": "ghcr.io/kubectl-confidential/confidential-webhook", "digest": format!("sha256:{}", "5e".repeat(32))}]})
+            .to_string(),
+    )?;
+    let in_cluster = |extra: &[&str]| -> Vec<String> {
+        init_args(&playground, extra)
+            .into_iter()
+            .filter(|a| !a.starts_with("--gate-url") && !a.starts_with("--join-exposure"))
+            .collect()
+    };
     let bad_master = d.join("bad-master.json");
     std::fs::write(&bad_master, r#"{"secret": "00", "salt": "00"}"#)?;
     let replace_measurements = |file: &Path| -> Vec<String> {
@@ -408,6 +420,16 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
                 &["--images", &foreign_images.display().to_string()],
             ),
             "is not used by manifests/",
+        ),
+        (
+            "in-cluster install by the manifests' placeholder digests",
+            in_cluster(&[]),
+            "placeholder digests",
+        ),
+        (
+            "in-cluster install with an images file missing the operator",
+            in_cluster(&["--images", &gate_only_images.display().to_string()]),
+            "pins ghcr.io/kubectl-confidential/confidential-controllers by placeholder",
         ),
         (
             "unreachable API server",
@@ -477,6 +499,10 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
         json!({"version": "0.1.0", "images": [{
             "name": "ghcr.io/kubectl-confidential/confidential-webhook",
             "digest": built_digest,
+            "tag": "v0.1.0",
+        }, {
+            "name": "ghcr.io/kubectl-confidential/confidential-controllers",
+            "digest": format!("sha256:{}", "c0".repeat(32)),
             "tag": "v0.1.0",
         }]})
         .to_string(),

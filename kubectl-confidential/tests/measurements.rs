@@ -10,10 +10,11 @@ use std::process::{Command, Output};
 
 use anyhow::Result;
 use confidential_api::AttestationPolicy;
+use confidential_testenv::fixtures::Publisher;
 use confidential_testenv::{TestCluster, crds_dir, install_crds, unique_name};
 use kube::api::{Api, PostParams};
 use p256::ecdsa::signature::Verifier;
-use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+use p256::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,25 +33,22 @@ fn text(bytes: &[u8]) -> String {
 /// signature made by the `sign` subcommand.
 struct Published {
     dir: tempfile::TempDir,
-    key: p256::ecdsa::SigningKey,
+    publisher: Publisher,
 }
 
 impl Published {
     fn new(image: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let key = p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let publisher = Publisher::random("acme");
         std::fs::write(
             dir.path().join("publisher.key"),
-            key.to_pkcs8_pem(LineEnding::LF)
+            publisher
+                .signing_key()
+                .to_pkcs8_pem(LineEnding::LF)
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .as_bytes(),
         )?;
-        std::fs::write(
-            dir.path().join("publisher.pub"),
-            key.verifying_key()
-                .to_public_key_pem(LineEnding::LF)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        )?;
+        publisher.write_public_key(&dir.path().join("publisher.pub"))?;
         std::fs::write(dir.path().join("kernel"), b"kernel bytes")?;
         let kernel = dir.path().join("kernel").display().to_string();
         let out = plugin(&[
@@ -67,7 +65,7 @@ impl Published {
         ]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         std::fs::write(dir.path().join("m.json"), &out.stdout)?;
-        let published = Self { dir, key };
+        let published = Self { dir, publisher };
         let out = plugin(&[
             "measurements",
             "sign",
@@ -97,7 +95,8 @@ fn the_file_on_disk_is_exactly_what_is_signed() -> Result<()> {
     let signature =
         p256::ecdsa::Signature::from_der(&der).map_err(|e| anyhow::anyhow!("signature: {e}"))?;
     publisher
-        .key
+        .publisher
+        .signing_key()
         .verifying_key()
         .verify(&bytes, &signature)
         .map_err(|e| anyhow::anyhow!("the signature is not over the file's bytes: {e}"))?;

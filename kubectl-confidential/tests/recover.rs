@@ -384,7 +384,7 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     let mut wrong = measurement_file(&NodeImage::new("other-image"))?;
     wrong.image = env.image.name.clone();
     std::fs::write(env.path("wrong.json"), wrong.canonical_bytes())?;
-    std::fs::write(env.path("wrong.json.sig"), wrong.sign(&env.publisher))?;
+    std::fs::write(env.path("wrong.json.sig"), env.publisher.sign(&wrong))?;
     let mut wrong_args = good.clone();
     wrong_args[5] = env.path("wrong.json").display().to_string();
     wrong_args.extend(["-o".to_owned(), "yaml".to_owned()]);
@@ -428,7 +428,6 @@ async fn recover_unlocks_the_node_with_its_join_key_and_refuses_every_attack() -
     let mut direct = AtlsClient::connect(&listen, atls::client_config(None)?).await?;
     let forged = serde_json::to_vec(&RecoveryKeys {
         disk_key: vec![1; 32],
-        measurement_secret: vec![2; 32],
         cluster_id: hex::encode(env.master.cluster_id()),
     })?;
     let (status, body) = direct.post(PATH_RECOVER_KEYS, forged).await?;
@@ -571,7 +570,8 @@ async fn machines_that_fail_verification_or_activation_receive_no_key() -> Resul
     // keys (so the recorders above could have seen them), keyed to the
     // activated AK by the gate's derivation.
     let log: Recorded = Arc::default();
-    let addr = start_recording_machine(issuer, disk_uuid.clone(), false, log.clone()).await?;
+    let addr =
+        start_recording_machine(issuer.clone(), disk_uuid.clone(), false, log.clone()).await?;
     let out = recover(trust_args(&env, &addr, &master_file)).await?;
     // The recorder answers the keys with `{}`, which is not a RecoveryDone.
     assert!(!out.status.success());
@@ -590,5 +590,59 @@ async fn machines_that_fail_verification_or_activation_receive_no_key() -> Resul
     let keys: RecoveryKeys = serde_json::from_slice(&seen[2].1)?;
     assert_eq!(keys.disk_key, key.to_vec());
     assert_eq!(keys.cluster_id, hex::encode(env.master.cluster_id()));
+
+    // Several nodes in one call: a node that is gone does not hold back the
+    // one that attests, and each gets its own report.
+    let log: Recorded = Arc::default();
+    let addr = start_recording_machine(issuer, disk_uuid.clone(), false, log.clone()).await?;
+    let gone = free_endpoint()?;
+    let mut args = trust_args(&env, &addr, &master_file);
+    args.extend([
+        "--endpoint".into(),
+        gone.clone(),
+        "-o".into(),
+        "json".into(),
+    ]);
+    let out = recover(args).await?;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("recovered 0 of 2 nodes"), "{stderr}");
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let items = reports["items"].as_array().context("items")?;
+    assert_eq!(items.len(), 2, "{reports}");
+    assert_eq!(items[0]["endpoint"], addr.as_str());
+    assert_eq!(items[0]["keysSent"], true, "{reports}");
+    assert_eq!(items[0]["activation"], "passed", "{reports}");
+    assert_eq!(items[1]["endpoint"], gone.as_str());
+    assert_eq!(items[1]["keysSent"], false, "{reports}");
+    assert!(
+        items[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is the node serving recovery")),
+        "{reports}"
+    );
+    let paths: Vec<String> = recorded(&log).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        paths,
+        [PATH_RECOVER, PATH_RECOVER_ACTIVATE, PATH_RECOVER_KEYS],
+        "{paths:?}"
+    );
+
+    // --node names one node: with several endpoints it is refused before
+    // any node is contacted (nothing listens there: the error would say so).
+    let mut args = trust_args(&env, &gone, &master_file);
+    args.extend([
+        "--endpoint".into(),
+        gone.clone(),
+        "--node".into(),
+        "node-a".into(),
+    ]);
+    let out = recover(args).await?;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("give a single --endpoint"),
+        "{}",
+        text(&out.stderr)
+    );
     Ok(())
 }

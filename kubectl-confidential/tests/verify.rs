@@ -115,7 +115,7 @@ async fn verify_passes_for_attested_nodes_and_fails_each_attack() -> Result<()> 
     let mut wrong = measurement_file(&confidential_testenv::node::NodeImage::new("other"))?;
     wrong.image = env.image.name.clone();
     std::fs::write(env.path("wrong.json"), wrong.canonical_bytes())?;
-    std::fs::write(env.path("wrong.json.sig"), wrong.sign(&env.publisher))?;
+    std::fs::write(env.path("wrong.json.sig"), env.publisher.sign(&wrong))?;
     let mut wrong_args = with(&["--node", &good]);
     wrong_args.extend(trust.clone());
     wrong_args[4] = env.path("wrong.json").display().to_string();
@@ -137,7 +137,7 @@ async fn verify_passes_for_attested_nodes_and_fails_each_attack() -> Result<()> 
     // node is contacted, nothing printed as a verdict.
     let tampered = env.path("measurements.json.tampered.sig");
     let real_sig = std::fs::read_to_string(env.path("measurements.json.sig"))?;
-    std::fs::write(&tampered, wrong.sign(&env.publisher))?;
+    std::fs::write(&tampered, env.publisher.sign(&wrong))?;
     assert_ne!(real_sig.trim(), std::fs::read_to_string(&tampered)?.trim());
     let mut bad_sig = ok.clone();
     bad_sig.extend(args(&["--signature", &format!("@{}", tampered.display())]));

@@ -23,7 +23,6 @@ pub mod node_images;
 pub mod provider;
 pub mod vm_provider;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -31,14 +30,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use confidential_api::NodeVersion;
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
-use confidential_testenv::node::{IMAGE_PCR, NodeImage};
+use confidential_testenv::fixtures::{Publisher, node_image_file};
+use confidential_testenv::node::NodeImage;
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
 use confidential_testenv::{ControlPlane, ControlPlaneOptions};
 use kube::Client;
 use kube::api::Api;
-use p256::ecdsa::SigningKey;
-use p256::pkcs8::EncodePublicKey;
 
 pub use provider::SwtpmProvider;
 pub use vm_provider::QemuProvider;
@@ -130,31 +127,6 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The measurement file of a node image as the simulated firmware of
-/// process machines measures it.
-fn process_measurement_file(image: &str) -> Result<MeasurementFile> {
-    Ok(MeasurementFile {
-        image: image.to_owned(),
-        measurements: Measurements::new(BTreeMap::from([(
-            u8::try_from(IMAGE_PCR)?,
-            Expected {
-                expected: NodeImage::new(image).expected_pcr(),
-                warn_only: false,
-            },
-        )]))?,
-    })
-}
-
-/// Writes `FILE` (canonical bytes, exactly what is signed) and `FILE.sig`.
-fn write_signed(path: &Path, file: &MeasurementFile, publisher: &SigningKey) -> Result<()> {
-    std::fs::write(path, file.canonical_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    write(
-        &PathBuf::from(format!("{}.sig", path.display())),
-        &(file.sign(publisher) + "\n"),
-    )
-}
-
 /// The path of a binary of this workspace (built when missing).
 pub fn plugin_binary() -> Result<PathBuf> {
     confidential_testenv::workspace_binary(
@@ -194,11 +166,7 @@ impl Playground {
             let ca = ca.clone();
             tokio::task::spawn_blocking(move || Swtpm::start(&ca).map(drop)).await??;
         }
-        let publisher = loop {
-            if let Ok(key) = SigningKey::from_slice(&rand::random::<[u8; 32]>()) {
-                break key;
-            }
-        };
+        let publisher = Publisher::random("playground");
         let files = TrustFiles {
             measurements_v1: dir.join("node-v1.json"),
             measurements_v2: dir.join("node-v2.json"),
@@ -219,26 +187,23 @@ impl Playground {
                 Some(Arc::new(node_images::NodeImages::new(&dir.join("images"))?))
             }
         };
+        // The measurement files, signed as `kubectl confidential measurements
+        // sign` signs: for process machines as their simulated firmware
+        // measures the images, for VMs predicted from the UKIs.
         for (path, image) in [
             (&files.measurements_v1, IMAGE_V1),
             (&files.measurements_v2, IMAGE_V2),
         ] {
             let file = match &images {
-                None => process_measurement_file(image)?,
+                None => node_image_file(&NodeImage::new(image)),
                 Some(images) => {
                     let images = images.clone();
                     tokio::task::spawn_blocking(move || images.measurement_file(image)).await??
                 }
             };
-            write_signed(path, &file, &publisher)?;
+            publisher.write_signed(path, &file)?;
         }
-        write(
-            &files.publisher_key,
-            &publisher
-                .verifying_key()
-                .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-                .context("encoding the publisher key")?,
-        )?;
+        publisher.write_public_key(&files.publisher_key)?;
         write(&files.ek_ca, &ca.issuer_pem()?)?;
 
         let gate_url = format!("https://127.0.0.1:{}", free_port()?);

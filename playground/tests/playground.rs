@@ -43,12 +43,15 @@ async fn attested_nodes(client: &kube::Client, image: &str) -> Result<BTreeSet<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn swtpm_nodes_join_through_the_gate_and_roll_from_v1_to_v2() -> Result<()> {
-    let _ = tracing_subscriber::fmt()
+    if let Err(error) = tracing_subscriber::fmt()
         .with_env_filter(
             "warn,kube_client=off,confidential_playground=info,confidential_controllers=info",
         )
         .with_test_writer()
-        .try_init();
+        .try_init()
+    {
+        eprintln!("tracing was already set up: {error}");
+    }
     let playground = Playground::start(Options {
         nodes: 2,
         max_surge: 1,

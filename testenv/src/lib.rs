@@ -13,6 +13,7 @@ pub mod cloud;
 pub mod controlplane;
 pub mod csr;
 pub mod etcd;
+pub mod fixtures;
 pub mod kubelet;
 pub mod node;
 pub mod peers;
@@ -255,10 +256,49 @@ where
         .with_context(|| format!("applying {name}"))
 }
 
-/// Lets join tokens submit kubelet CSRs, as the install does
-/// (`manifests/base/node-bootstrap.yaml`).
+/// Grants join tokens what the install grants them
+/// (`manifests/base/node-bootstrap.yaml`): submitting kubelet CSRs and the
+/// reads `kubeadm join` makes. Every document of the file is applied.
 pub async fn allow_node_bootstrap(client: &Client) -> Result<()> {
-    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
-        read_manifest("base/node-bootstrap.yaml")?;
-    apply_cluster_object(client, &binding).await.map(drop)
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use kube::api::{Api, Patch, PatchParams};
+    let path = manifest_path("base/node-bootstrap.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let params = PatchParams::apply("confidential-testenv").force();
+    for document in documents {
+        let kind = document["kind"].as_str().unwrap_or_default().to_owned();
+        let name = document["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let namespace = document["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("kube-system")
+            .to_owned();
+        let patch = Patch::Apply(&document);
+        let applied = match kind.as_str() {
+            "ClusterRole" => Api::<ClusterRole>::all(client.clone())
+                .patch(&name, &params, &patch)
+                .await
+                .map(drop),
+            "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
+                .patch(&name, &params, &patch)
+                .await
+                .map(drop),
+            "Role" => Api::<Role>::namespaced(client.clone(), &namespace)
+                .patch(&name, &params, &patch)
+                .await
+                .map(drop),
+            "RoleBinding" => Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+                .patch(&name, &params, &patch)
+                .await
+                .map(drop),
+            other => anyhow::bail!("{}: unexpected kind {other}", path.display()),
+        };
+        applied.with_context(|| format!("applying {kind} {name}"))?;
+    }
+    Ok(())
 }

@@ -83,8 +83,10 @@ impl ManagedProcess {
             return;
         };
         if let Ok(None) = child.try_wait() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            if let Ok(pid) = i32::try_from(child.id())
+                && let Err(error) = kill(Pid::from_raw(pid), Signal::SIGTERM)
+            {
+                tracing::debug!(name = %self.name, pid, %error, "SIGTERM");
             }
             let deadline = Instant::now() + grace;
             while Instant::now() < deadline {
@@ -93,9 +95,13 @@ impl ManagedProcess {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
+            if let Err(error) = child.kill() {
+                tracing::debug!(name = %self.name, %error, "SIGKILL");
+            }
         }
-        let _ = child.wait();
+        if let Err(error) = child.wait() {
+            tracing::debug!(name = %self.name, %error, "reaping");
+        }
     }
 }
 

@@ -163,7 +163,8 @@ impl World {
             .count() as u32
     }
 
-    /// Applies one action as the executor and the real cluster would.
+    /// Applies one action as the reconciler (`reconciler::execute`) and the
+    /// real cluster would.
     pub fn apply(&mut self, action: &Action) {
         self.log.push((self.now, action.clone()));
         match action {

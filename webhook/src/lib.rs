@@ -16,3 +16,6 @@ pub mod server;
 pub mod state;
 pub mod validate;
 pub mod verify;
+
+#[cfg(test)]
+mod property_seed;

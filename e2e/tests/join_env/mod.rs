@@ -6,7 +6,6 @@
 
 #![allow(dead_code)] // each suite uses its own subset
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +14,12 @@ use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
 use confidential_attestation::atls::{self, AtlsClient, PURPOSE_JOIN};
 use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};
 use confidential_attestation::kdf::MasterSecret;
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
 use confidential_attestation::protocol::{
     ActivateRequest, JoinChallenge, JoinRequest, PATH_ACTIVATE, PATH_JOIN, Refused,
 };
 use confidential_attestation::tpm::issuer::TpmIssuer;
-use confidential_testenv::node::{IMAGE_PCR, NodeImage, SimulatedNode};
+use confidential_testenv::fixtures::{self, Publisher};
+use confidential_testenv::node::{BootstrapOutcome, IMAGE_PCR, NodeImage, SimulatedNode};
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
 use confidential_testenv::{TestCluster, crds_dir, eventually, install_crds, unique_name};
 use confidential_webhook::join::{AttemptLimit, Gate, GateConfig, serve};
@@ -30,7 +29,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
-use p256::pkcs8::EncodePublicKey;
 use serde_json::json;
 
 /// The disk UUID library joins name unless a test says otherwise.
@@ -56,10 +54,6 @@ impl Drop for Env {
             task.abort();
         }
     }
-}
-
-pub fn signing_key() -> p256::ecdsa::SigningKey {
-    p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
 }
 
 /// Attempts per source generous enough for any suite but the limit's own.
@@ -91,36 +85,14 @@ impl Env {
         let ca = SwtpmCa::new()?;
         drop(Swtpm::start(&ca)?);
         let image = NodeImage::new(&unique_name("node-image"));
-        let key = signing_key();
-        let file = MeasurementFile {
-            image: image.name.clone(),
-            measurements: Measurements::new(BTreeMap::from([(
-                u8::try_from(IMAGE_PCR)?,
-                Expected {
-                    expected: image.expected_pcr(),
-                    warn_only: false,
-                },
-            )]))?,
-        };
-        let signature = file.sign(&key);
-        let public_pem = key
-            .verifying_key()
-            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let publisher = Publisher::random("test-publisher");
         let policy = unique_name("policy");
         let pool = unique_name("pool");
-        let mut spec = json!({
-            "evidenceKinds": ["Tpm"],
-            "tpm": { "ekCaCertificates": [ca.issuer_pem()?] },
-            "publishers": [{ "name": "test-publisher", "publicKey": public_pem }],
-            "images": [{
-                "image": image.name,
-                "measurements": { IMAGE_PCR.to_string(): { "expected": hex::encode(image.expected_pcr()), "warnOnly": false } },
-                "publisher": "test-publisher",
-                "signature": signature,
-            }],
-            "reattestationInterval": "24h",
-        });
+        let mut spec = serde_json::to_value(fixtures::policy_spec(
+            Some(&ca.issuer_pem()?),
+            &[&publisher],
+            vec![publisher.entry(&fixtures::node_image_file(&image))],
+        ))?;
         tweak(&mut spec);
         let policy_obj: AttestationPolicy =
             serde_json::from_value(json!({ "metadata": { "name": policy }, "spec": spec }))?;
@@ -232,8 +204,61 @@ impl Env {
         Ok(confidential_attestation::atls::GateIdentity::derive(&self.master)?.pin())
     }
 
+    /// A machine named `name` booted with the pool's image and a TPM whose
+    /// EK the environment's CA certified.
     pub fn boot(&self, name: &str) -> Result<SimulatedNode> {
         SimulatedNode::boot(&self.ca, name, &self.image, self.gate_pin()?)
+    }
+
+    /// Runs `node`'s real bootstrapper once against this gate.
+    pub async fn run(&self, node: &SimulatedNode, extra: &[&str]) -> Result<BootstrapOutcome> {
+        node.run_bootstrapper(std::slice::from_ref(&self.addr), extra)
+            .await
+    }
+
+    /// Boots machine `name` and runs its bootstrapper against this gate:
+    /// the boot-run step of the join suites; the outcome is the caller's to
+    /// assert.
+    pub async fn join(&self, name: &str) -> Result<(SimulatedNode, BootstrapOutcome)> {
+        let node = self.boot(name)?;
+        let outcome = self.run(&node, &[]).await?;
+        Ok((node, outcome))
+    }
+
+    /// [`Env::join`], which must succeed.
+    pub async fn joined(&self, name: &str) -> Result<SimulatedNode> {
+        let (node, outcome) = self.join(name).await?;
+        if !outcome.success {
+            bail!("{name} did not join:\n{}", outcome.log);
+        }
+        Ok(node)
+    }
+
+    /// Runs `node`'s bootstrapper (with `extra`) against this gate and
+    /// checks the gate refused it for `reason` and wrote nothing: no
+    /// NodeAttestation written or changed, no bootstrap token.
+    pub async fn refused(&self, node: &SimulatedNode, extra: &[&str], reason: &str) -> Result<()> {
+        let before = self.snapshot().await?;
+        let outcome = self.run(node, extra).await?;
+        if outcome.success {
+            bail!(
+                "{} joined; expected a {reason} refusal:\n{}",
+                node.name,
+                outcome.log
+            );
+        }
+        if !outcome.log.contains(reason) {
+            bail!(
+                "{} was refused, but not for {reason}:\n{}",
+                node.name,
+                outcome.log
+            );
+        }
+        let after = self.snapshot().await?;
+        if after != before {
+            bail!("a refused join changed the cluster: {before:?} -> {after:?}");
+        }
+        Ok(())
     }
 
     /// Waits until the gate's cache holds what the API server holds for the

@@ -7,14 +7,13 @@
 //! kubelet stand-in reports as the Node's `InternalIP`: exactly how the gate
 //! finds a node in a cluster.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
+use confidential_testenv::fixtures::{self, Publisher};
 use confidential_testenv::node::{IMAGE_PCR, Kubelet, KubeletOptions, NodeImage, SimulatedNode};
 use confidential_testenv::pki::CertificateAuthority;
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
@@ -25,7 +24,6 @@ use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use p256::pkcs8::EncodePublicKey;
 use serde_json::json;
 
 /// Timing of the gate's re-attestation in an environment.
@@ -42,7 +40,7 @@ pub struct Env {
     pub image: NodeImage,
     pub policy: String,
     pub pool: String,
-    publisher: p256::ecdsa::SigningKey,
+    publisher: Publisher,
     pub join_addr: String,
     pub webhook_addr: String,
     /// Port every node serves `/v1/attest` on (each on its own address).
@@ -88,36 +86,16 @@ pub fn node_ip(index: u32) -> Ipv4Addr {
 /// signed by `publisher`.
 pub fn policy_spec(
     ca_pem: &str,
-    publisher: &p256::ecdsa::SigningKey,
+    publisher: &Publisher,
     image: &str,
     pcr_value: [u8; 32],
 ) -> Result<serde_json::Value> {
-    let file = MeasurementFile {
-        image: image.to_owned(),
-        measurements: Measurements::new(BTreeMap::from([(
-            u8::try_from(IMAGE_PCR)?,
-            Expected {
-                expected: pcr_value,
-                warn_only: false,
-            },
-        )]))?,
-    };
-    let public_pem = publisher
-        .verifying_key()
-        .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(json!({
-        "evidenceKinds": ["Tpm"],
-        "tpm": { "ekCaCertificates": [ca_pem] },
-        "publishers": [{ "name": "test-publisher", "publicKey": public_pem }],
-        "images": [{
-            "image": image,
-            "measurements": { IMAGE_PCR.to_string(): { "expected": hex::encode(pcr_value), "warnOnly": false } },
-            "publisher": "test-publisher",
-            "signature": file.sign(publisher),
-        }],
-        "reattestationInterval": "24h",
-    }))
+    let file = fixtures::measurement_file(image, &[(u8::try_from(IMAGE_PCR)?, pcr_value, false)]);
+    Ok(serde_json::to_value(fixtures::policy_spec(
+        Some(ca_pem),
+        &[publisher],
+        vec![publisher.entry(&file)],
+    ))?)
 }
 
 impl Env {
@@ -134,8 +112,7 @@ impl Env {
         let ca = SwtpmCa::new()?;
         drop(Swtpm::start(&ca)?);
         let image = NodeImage::new(&unique_name("node-image"));
-        let publisher =
-            p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let publisher = Publisher::random("test-publisher");
         let policy = unique_name("policy");
         let pool = unique_name("pool");
         let spec = policy_spec(

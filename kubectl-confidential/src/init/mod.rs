@@ -211,6 +211,22 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         Some(url) => GatePlacement::External(url.clone()),
         None => GatePlacement::InCluster,
     };
+    if matches!(placement, GatePlacement::InCluster) {
+        if args.dry_run {
+            if inputs
+                .images
+                .iter()
+                .any(objects::PinnedImage::is_placeholder)
+            {
+                eprintln!(
+                    "Warning: the images are pinned by placeholder digests; \
+                     pass --images dist/images.json (from `cargo xtask images`)"
+                );
+            }
+        } else {
+            objects::refuse_placeholders(&inputs.images)?;
+        }
+    }
     let names = addresses::serving_names(&placement, namespace)?;
 
     let cluster = connection.client().await?;

@@ -7,6 +7,9 @@
 //! and the generated objects: the two Secrets, the caBundle, the
 //! AttestationPolicy and the NodeVersion. Everything here is pure: data in,
 //! objects out.
+//!
+//! Length: about 430 lines of code, every object `init` installs in one
+//! list; the rest are its tests, kept beside it.
 
 use anyhow::{Context, Result, bail};
 use confidential_api::{AttestationPolicy, NodeVersion};
@@ -79,6 +82,18 @@ pub struct PinnedImage {
     pub digest: String,
 }
 
+impl PinnedImage {
+    /// Whether the digest is one of the placeholders `manifests/` carries in
+    /// a source tree (`sha256:` + 63 zeros + one digit): a release writes
+    /// the digests of the images it built and pushed; from source,
+    /// `cargo xtask images` writes them to `dist/images.json`.
+    pub fn is_placeholder(&self) -> bool {
+        self.digest
+            .strip_prefix("sha256:")
+            .is_some_and(|hex| hex.len() == 64 && hex[..63].bytes().all(|b| b == b'0'))
+    }
+}
+
 /// The images `init` installs, by digest (from `manifests/kustomization.yaml`).
 pub fn pinned_images() -> Result<Vec<PinnedImage>> {
     #[derive(serde::Deserialize)]
@@ -88,6 +103,27 @@ pub fn pinned_images() -> Result<Vec<PinnedImage>> {
     let k: Kustomization =
         serde_saphyr::from_str(KUSTOMIZATION).context("parsing manifests/kustomization.yaml")?;
     Ok(k.images)
+}
+
+/// Refuses to install images into the cluster by placeholder digests: the
+/// Deployments would never start, and the gate would be missing while its
+/// fail-closed webhooks are registered.
+pub fn refuse_placeholders(images: &[PinnedImage]) -> Result<()> {
+    let placeholders: Vec<&str> = images
+        .iter()
+        .filter(|i| i.is_placeholder())
+        .map(|i| i.name.as_str())
+        .collect();
+    if placeholders.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "this kubectl-confidential was built from source and pins {} by placeholder digests \
+         (manifests/kustomization.yaml); nothing was changed. Build the images with \
+         `cargo xtask images`, push them, and pass `--images dist/images.json`; or run the gate \
+         outside the cluster with `--gate-url`",
+        placeholders.join(", ")
+    )
 }
 
 /// The repository part of an image reference (without tag or digest).
@@ -430,6 +466,29 @@ pub fn redacted(objects: &[Value]) -> Vec<Value> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn placeholder_digests_are_recognised_and_refused_real_ones_pass() {
+        let image = |digest: &str| PinnedImage {
+            name: "ghcr.io/kubectl-confidential/confidential-webhook".into(),
+            digest: digest.into(),
+        };
+        let shipped = pinned_images().expect("kustomization");
+        assert!(
+            shipped.iter().all(PinnedImage::is_placeholder),
+            "{shipped:?}"
+        );
+        let err = refuse_placeholders(&shipped).expect_err("placeholders refused");
+        assert!(
+            err.to_string().contains("--images dist/images.json"),
+            "{err}"
+        );
+        let real = format!("sha256:{}", "ab".repeat(32));
+        assert!(!image(&real).is_placeholder());
+        assert!(!image(&format!("sha256:{}1", "0".repeat(62))).is_placeholder());
+        assert!(!image("sha256:01").is_placeholder());
+        refuse_placeholders(&[image(&real)]).expect("real digests pass");
+    }
+
     use super::*;
     use base64::Engine as _;
 

@@ -1,7 +1,7 @@
 //! The master secret: generated here (or given with `--master-secret`),
 //! written to a local file only the admin can read, and installed as the
-//! Secret the gate reads. Every key of the cluster (disk keys, the
-//! measurement secret, the cluster ID, the gate's identity) derives from it,
+//! Secret the gate reads. Every key of the cluster (disk keys, the cluster
+//! ID, the gate's identity) derives from it,
 //! so `init` never replaces the one a cluster already holds and never
 //! overwrites a local file that may be the only copy of another cluster's.
 

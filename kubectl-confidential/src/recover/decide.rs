@@ -54,7 +54,6 @@ pub fn keys_for(master: &MasterSecret, bound: &BoundVerdict, disk_uuid: &str) ->
         disk_key: master
             .node_disk_key(&bound.verdict().identity, disk_uuid)
             .to_vec(),
-        measurement_secret: master.measurement_secret().to_vec(),
         cluster_id: hex::encode(master.cluster_id()),
     }
 }

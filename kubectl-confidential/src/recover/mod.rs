@@ -10,9 +10,13 @@
 //! when given). Only a node that passes gets a credential challenge, and only
 //! when its TPM activated it (the AK lives in the certified TPM) does the
 //! node get its keys: the disk key the gate derives at join (one derivation,
-//! [`confidential_attestation::kdf::MasterSecret::node_disk_key`]), the
-//! measurement secret and the cluster ID. Before the verdict the node
+//! [`confidential_attestation::kdf::MasterSecret::node_disk_key`]) and the
+//! cluster ID. Before the verdict the node
 //! receives one empty request and nothing else.
+//!
+//! Several `--endpoint`s are recovered side by side (a whole cluster after a
+//! control-plane loss); each node is judged on its own connection and a
+//! failing node never holds back or changes what another receives.
 
 mod decide;
 
@@ -49,11 +53,13 @@ node or the cluster.";
 pub struct RecoverArgs {
     #[command(flatten)]
     trust: TrustArgs,
-    /// The node's recovery endpoint (`host:port`), served by its
+    /// A node's recovery endpoint (`host:port`), served by its
     /// bootstrapper with --recovery-listen when it cannot reach the gate.
-    #[arg(long)]
-    endpoint: String,
-    /// The node name to expect (the node's own claim when absent).
+    /// Repeat for several nodes: they are recovered in parallel.
+    #[arg(long = "endpoint", value_name = "HOST:PORT", required = true)]
+    endpoints: Vec<String>,
+    /// The node name to expect (the node's own claim when absent); only
+    /// with a single --endpoint.
     #[arg(long)]
     node: Option<String>,
     /// The cluster's master secret file (`{"secret": "<hex>", "salt": "<hex>"}`,
@@ -161,36 +167,37 @@ async fn post_json<T: serde::de::DeserializeOwned>(
         .with_context(|| format!("the node's answer to {path} is not what the protocol says"))
 }
 
-fn progress(step: &str) {
-    eprintln!("recover: {step}");
+fn progress(endpoint: &str, step: &str) {
+    eprintln!("recover {endpoint}: {step}");
 }
 
-/// The exchange with the node; fills `report` as it goes.
+/// The exchange with the node at `endpoint`; fills `report` as it goes.
 async fn exchange(
     args: &RecoverArgs,
+    endpoint: &str,
     master: &MasterSecret,
     trust: &Trust,
     report: &mut RecoveryReport,
 ) -> Result<()> {
-    progress(&format!("connecting to {} over aTLS", args.endpoint));
-    let mut client = AtlsClient::connect(&args.endpoint, atls::client_config(None)?)
+    progress(endpoint, "connecting over aTLS");
+    let mut client = AtlsClient::connect(endpoint, atls::client_config(None)?)
         .await
         .with_context(|| {
-            format!(
-                "connecting to {}: is the node serving recovery (--recovery-listen)?",
-                args.endpoint
-            )
+            format!("connecting to {endpoint}: is the node serving recovery (--recovery-listen)?")
         })?;
     let offer: RecoveryOffer = post_json(&mut client, PATH_RECOVER, Vec::new()).await?;
-    progress(&format!(
-        "node {} offered {} evidence for disk {}; verifying against local trusted input",
-        offer.attestation.node_name,
-        offer.attestation.evidence.evidence.kind().name(),
-        offer.disk_uuid
-    ));
+    progress(
+        endpoint,
+        &format!(
+            "node {} offered {} evidence for disk {}; verifying against local trusted input",
+            offer.attestation.node_name,
+            offer.attestation.evidence.evidence.kind().name(),
+            offer.disk_uuid
+        ),
+    );
     report.disk_uuid = Some(offer.disk_uuid.clone());
     let judged = decide::judge_offer(
-        &args.endpoint,
+        endpoint,
         &offer,
         client.nonce(PURPOSE_NODE_RECOVER),
         trust,
@@ -206,7 +213,10 @@ async fn exchange(
     };
     let warnings = verification.warnings.clone();
     report.verification = Some(verification);
-    progress("evidence trusted; challenging the attestation key (credential activation)");
+    progress(
+        endpoint,
+        "evidence trusted; challenging the attestation key (credential activation)",
+    );
     let bound = match EvidenceVerdict::from_tpm_quote(quote, warnings).bind()? {
         Binding::Bound(bound) => bound,
         Binding::NeedsActivation(pending) => {
@@ -225,24 +235,36 @@ async fn exchange(
         }
     };
     report.activation = Some("passed");
-    send_keys(&mut client, master, &bound, &offer.disk_uuid, report).await
+    send_keys(
+        endpoint,
+        &mut client,
+        master,
+        &bound,
+        &offer.disk_uuid,
+        report,
+    )
+    .await
 }
 
 async fn send_keys(
+    endpoint: &str,
     client: &mut AtlsClient,
     master: &MasterSecret,
     bound: &BoundVerdict,
     disk_uuid: &str,
     report: &mut RecoveryReport,
 ) -> Result<()> {
-    progress("attestation key activated; sending the node its keys");
+    progress(
+        endpoint,
+        "attestation key activated; sending the node its keys",
+    );
     let keys = serde_json::to_vec(&decide::keys_for(master, bound, disk_uuid))?;
     report.keys_sent = true;
     let done: RecoveryDone = post_json(client, PATH_RECOVER_KEYS, keys).await?;
-    progress(&format!(
-        "node {} unlocked {}",
-        done.node_name, done.unlocked
-    ));
+    progress(
+        endpoint,
+        &format!("node {} unlocked {}", done.node_name, done.unlocked),
+    );
     report.unlocked = Some(done.unlocked);
     report.recovered = true;
     Ok(())
@@ -269,10 +291,16 @@ fn print_table(report: &RecoveryReport) {
     }
 }
 
-pub async fn run(args: &RecoverArgs) -> Result<()> {
-    let (master, trust) = load(args)?;
+/// Recovers the node at `endpoint` within the timeout; the report says how
+/// far it got.
+async fn recover_one(
+    args: &RecoverArgs,
+    endpoint: &str,
+    master: &MasterSecret,
+    trust: &Trust,
+) -> RecoveryReport {
     let mut report = RecoveryReport {
-        endpoint: args.endpoint.clone(),
+        endpoint: endpoint.to_owned(),
         recovered: false,
         disk_uuid: None,
         verification: None,
@@ -282,19 +310,65 @@ pub async fn run(args: &RecoverArgs) -> Result<()> {
         error: None,
     };
     let timeout = Duration::from_secs(args.timeout);
-    let result = tokio::time::timeout(timeout, exchange(args, &master, &trust, &mut report))
-        .await
-        .unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "{} did not complete recovery within {timeout:?}",
-                args.endpoint
-            ))
-        });
-    if let Err(e) = &result {
+    let result = tokio::time::timeout(
+        timeout,
+        exchange(args, endpoint, master, trust, &mut report),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "{endpoint} did not complete recovery within {timeout:?}"
+        ))
+    });
+    if let Err(e) = result {
         report.error = Some(format!("{e:#}"));
     }
-    if !print_structured(args.output, &report)? {
-        print_table(&report);
+    report
+}
+
+/// Several nodes' reports, as `-o json|yaml` prints them.
+#[derive(Debug, Serialize)]
+struct RecoveryReports<'a> {
+    items: &'a [RecoveryReport],
+}
+
+pub async fn run(args: &RecoverArgs) -> Result<()> {
+    if args.node.is_some() && args.endpoints.len() != 1 {
+        bail!(
+            "--node names the one node to expect: give a single --endpoint with it, \
+             or leave --node out to recover several nodes"
+        );
     }
-    result.with_context(|| format!("recovering the node at {}", args.endpoint))
+    let (master, trust) = load(args)?;
+    let reports = futures::future::join_all(
+        args.endpoints
+            .iter()
+            .map(|endpoint| recover_one(args, endpoint, &master, &trust)),
+    )
+    .await;
+    let printed = match reports.as_slice() {
+        [one] => print_structured(args.output, one)?,
+        many => print_structured(args.output, &RecoveryReports { items: many })?,
+    };
+    if !printed {
+        for report in &reports {
+            if reports.len() > 1 {
+                println!("{}:", report.endpoint);
+            }
+            print_table(report);
+        }
+    }
+    let failed: Vec<String> = reports
+        .iter()
+        .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.endpoint)))
+        .collect();
+    match (failed.as_slice(), reports.len()) {
+        ([], _) => Ok(()),
+        ([one], 1) => Err(anyhow::anyhow!("recovering the node at {one}")),
+        (failed, total) => bail!(
+            "recovered {} of {total} nodes; not recovered: {}",
+            total - failed.len(),
+            failed.join("; ")
+        ),
+    }
 }

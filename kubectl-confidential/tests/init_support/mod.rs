@@ -16,10 +16,14 @@ use serde_json::{Value, json};
 pub const BIN: &str = env!("CARGO_BIN_EXE_kubectl-confidential");
 
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,kube_client=off,confidential_playground=info")
-        .with_test_writer()
-        .try_init();
+    // Once per test binary; a second call finds it set and keeps it.
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_env_filter("warn,kube_client=off,confidential_playground=info")
+            .with_test_writer()
+            .init();
+    });
 }
 
 /// A control plane, the trust files and the component host; `init` not run.

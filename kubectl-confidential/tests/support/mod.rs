@@ -20,9 +20,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use confidential_attestation::atls::{self, AtlsClient};
 use confidential_attestation::kdf::MasterSecret;
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
+use confidential_attestation::measurements::MeasurementFile;
 use confidential_attestation::protocol::PATH_ATTEST;
-use confidential_testenv::node::{IMAGE_PCR, NodeImage, SimulatedNode};
+use confidential_testenv::fixtures::{self, Publisher};
+use confidential_testenv::node::{NodeImage, SimulatedNode};
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
 use confidential_testenv::{
     ManagedProcess, TestCluster, crds_dir, eventually, install_crds, unique_name,
@@ -30,34 +31,14 @@ use confidential_testenv::{
 use confidential_webhook::join::{Gate, GateConfig, serve};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
-use p256::ecdsa::SigningKey;
-use p256::pkcs8::EncodePublicKey;
 use serde_json::json;
 
 /// Annotation the plugin reads a node's attestation endpoint from.
 pub const ATTEST_ENDPOINT: &str = "confidential.dev/attest-endpoint";
 
-pub fn signing_key() -> SigningKey {
-    SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng)
-}
-
-pub fn public_pem(key: &SigningKey) -> Result<String> {
-    key.verifying_key()
-        .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
+/// The measurement file of a simulated node image (the shared fixture).
 pub fn measurement_file(image: &NodeImage) -> Result<MeasurementFile> {
-    Ok(MeasurementFile {
-        image: image.name.clone(),
-        measurements: Measurements::new(std::collections::BTreeMap::from([(
-            u8::try_from(IMAGE_PCR)?,
-            Expected {
-                expected: image.expected_pcr(),
-                warn_only: false,
-            },
-        )]))?,
-    })
+    Ok(fixtures::node_image_file(image))
 }
 
 /// A machine serving `/v1/attest` after joining.
@@ -78,7 +59,7 @@ pub struct VerifyEnv {
     /// The pool whose image is [`VerifyEnv::unmeasured`].
     pub unmeasured_pool: String,
     pub master: MasterSecret,
-    pub publisher: SigningKey,
+    pub publisher: Publisher,
     /// The admin's local files.
     pub dir: tempfile::TempDir,
     server_task: tokio::task::JoinHandle<()>,
@@ -105,35 +86,20 @@ impl VerifyEnv {
             name: unique_name("unmeasured"),
             components: Vec::new(),
         };
-        let publisher = signing_key();
-        let rogue = signing_key();
-        let trusted_file = measurement_file(&image)?;
-        let rogue_file = measurement_file(&unmeasured)?;
-        let entry = |file: &MeasurementFile, key: &SigningKey, publisher: &str| {
-            json!({
-                "image": file.image,
-                "measurements": { IMAGE_PCR.to_string(): {
-                    "expected": hex::encode(file.measurements.get(u8::try_from(IMAGE_PCR).unwrap_or(4)).map(|e| e.expected).unwrap_or_default()),
-                    "warnOnly": false } },
-                "publisher": publisher,
-                "signature": file.sign(key),
-            })
-        };
+        let publisher = Publisher::random("publisher");
+        let rogue = Publisher::random("rogue");
+        let trusted_file = fixtures::node_image_file(&image);
+        let rogue_file = fixtures::node_image_file(&unmeasured);
         let policy = unique_name("policy");
         let pool = unique_name("pool");
-        let policy_obj: confidential_api::AttestationPolicy = serde_json::from_value(json!({
-            "metadata": { "name": policy },
-            "spec": {
-                "evidenceKinds": ["Tpm"],
-                "tpm": { "ekCaCertificates": [ca.issuer_pem()?] },
-                "publishers": [
-                    { "name": "publisher", "publicKey": public_pem(&publisher)? },
-                    { "name": "rogue", "publicKey": public_pem(&rogue)? },
-                ],
-                "images": [entry(&trusted_file, &publisher, "publisher"), entry(&rogue_file, &rogue, "rogue")],
-                "reattestationInterval": "24h",
-            }
-        }))?;
+        let policy_obj = confidential_api::AttestationPolicy::new(
+            &policy,
+            fixtures::policy_spec(
+                Some(&ca.issuer_pem()?),
+                &[&publisher, &rogue],
+                vec![publisher.entry(&trusted_file), rogue.entry(&rogue_file)],
+            ),
+        );
         Api::<confidential_api::AttestationPolicy>::all(client.clone())
             .create(&PostParams::default(), &policy_obj)
             .await?;
@@ -216,12 +182,8 @@ impl VerifyEnv {
 
         let dir = tempfile::tempdir()?;
         let d = dir.path();
-        std::fs::write(d.join("measurements.json"), trusted_file.canonical_bytes())?;
-        std::fs::write(
-            d.join("measurements.json.sig"),
-            trusted_file.sign(&publisher) + "\n",
-        )?;
-        std::fs::write(d.join("publisher.pub"), public_pem(&publisher)?)?;
+        publisher.write_signed(&d.join("measurements.json"), &trusted_file)?;
+        publisher.write_public_key(&d.join("publisher.pub"))?;
         std::fs::write(d.join("ek-ca.pem"), ca.issuer_pem()?)?;
         // The admin's master secret file, in the format the gate reads.
         std::fs::write(

@@ -5,13 +5,9 @@
 //! the load mix admissible to our gate.
 
 use anyhow::Result;
-use confidential_api::{
-    AttestationPolicy, AttestationPolicySpec, EvidenceKind, ImagePolicy, ImagePolicySpec,
-    MeasuredImage, Measurement, PolicyMode, PublisherKey,
-};
+use confidential_api::{AttestationPolicy, ImagePolicy, ImagePolicySpec, PolicyMode};
+use confidential_testenv::fixtures::{self, Publisher};
 use confidential_webhook::validate::node::image_label_value;
-use confidential_webhook::verify::measurement_file;
-use p256::pkcs8::{EncodePublicKey, LineEnding};
 use serde_json::{Value, json};
 
 pub const IMAGE: &str = "ghcr.io/acme/node-image:v1.2.0";
@@ -26,38 +22,14 @@ pub const ALLOWED_REPOSITORY: &str = "ghcr.io/acme/*";
 /// Attested nodes the Node reviews name.
 pub const NODES: usize = 200;
 
-/// The AttestationPolicy the Node reviews' image is signed into.
+/// The AttestationPolicy the Node reviews' image is signed into (publisher
+/// `acme`, key seed 1, PCR 4 enforced).
 pub fn attestation_policy() -> Result<AttestationPolicy> {
-    let key = p256::ecdsa::SigningKey::from_bytes(&[1u8; 32].into())?;
-    let mut entry = MeasuredImage {
-        image: IMAGE.into(),
-        measurements: [(
-            "4".to_owned(),
-            Measurement {
-                expected: PCR4.into(),
-                warn_only: false,
-            },
-        )]
-        .into(),
-        snp: None,
-        publisher: "acme".into(),
-        signature: String::new(),
-    };
-    entry.signature = measurement_file(&entry)
-        .map_err(anyhow::Error::msg)?
-        .sign(&key);
-    Ok(AttestationPolicy::new(
-        "default",
-        AttestationPolicySpec {
-            evidence_kinds: vec![EvidenceKind::Tpm],
-            publishers: vec![PublisherKey {
-                name: "acme".into(),
-                public_key: key.verifying_key().to_public_key_pem(LineEnding::LF)?,
-            }],
-            images: vec![entry],
-            ..Default::default()
-        },
-    ))
+    let publisher = Publisher::seeded("acme", 1);
+    let file = fixtures::measurement_file(IMAGE, &[(4, [0x44; 32], false)]);
+    let mut spec = fixtures::policy_spec(None, &[&publisher], vec![publisher.entry(&file)]);
+    spec.reattestation_interval = None;
+    Ok(AttestationPolicy::new("default", spec))
 }
 
 /// Our ImagePolicy: digest-pinned images, allowed by digest or repository,

@@ -304,14 +304,21 @@ fn mutate_returns_a_json_patch_for_known_tags() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(crate::property_seed::config("admission handler", 2000))]
 
     /// Arbitrary bytes never panic and always get a reply.
     #[test]
     fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
         let w = webhook();
-        let _ = w.review(&body);
-        let _ = w.mutate(&body);
+        for reply in [w.review(&body), w.mutate(&body)] {
+            match reply {
+                // A 200 answer is a parseable review.
+                Reply::Review(json) => {
+                    prop_assert!(serde_json::from_slice::<Value>(&json).is_ok());
+                }
+                Reply::BadRequest(message) => prop_assert!(!message.is_empty()),
+            }
+        }
     }
 
     /// Well-formed envelopes with arbitrary kinds and objects always get

@@ -9,7 +9,6 @@
 //! and replayed first on every run.
 
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, RngSeed};
 
 use super::tests::{
     DISK, IMAGE, NONCE, attestation, entry, fixture_identity, image_pcr4, policy, pool, request,
@@ -17,17 +16,7 @@ use super::tests::{
 use super::*;
 
 fn config() -> ProptestConfig {
-    let seed = std::env::var("PROPTEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("decide properties: PROPTEST_SEED={seed}");
-    ProptestConfig {
-        cases: 96,
-        rng_seed: RngSeed::Fixed(seed),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..ProptestConfig::default()
-    }
+    crate::property_seed::config("decide", 96)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

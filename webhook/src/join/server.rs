@@ -287,7 +287,6 @@ impl Gate {
             ca_pem: self.cfg.ca_pem.clone(),
             ca_pin: self.ca_pin.clone(),
             disk_key: record::disk_key(&self.cfg.master, identity, &plan.disk_uuid).to_vec(),
-            measurement_secret: self.cfg.master.measurement_secret().to_vec(),
             cluster_id: hex::encode(self.cfg.master.cluster_id()),
         })
     }

@@ -13,11 +13,12 @@
 use std::collections::HashMap;
 
 use confidential_api::{AttestationPolicySpec, NodeAttestation};
-use confidential_attestation::measurements::{MeasurementFile, Measurements};
+use confidential_attestation::measurements::Measurements;
 use confidential_attestation::protocol::AttestResponse;
 use confidential_attestation::verify::{TrustPolicy, Verdict, verify_evidence};
 
 use super::Failure;
+use crate::verify::verify_entry;
 
 /// The trust roots of the policy and the verified measurements of each of
 /// its images; an image whose entry does not verify maps to its failure.
@@ -31,47 +32,19 @@ impl PolicyInForce {
     /// node can be verified and the sweep reports the policy as broken).
     pub fn new(spec: &AttestationPolicySpec) -> Result<Self, String> {
         let trust = crate::verify::trust_roots(spec).map_err(|e| format!("policy EK CA: {e}"))?;
-        let images =
-            spec.images
-                .iter()
-                .map(|measured| {
-                    let checked =
-                        spec.publishers
-                            .iter()
-                            .find(|p| p.name == measured.publisher)
-                            .ok_or_else(|| {
-                                Failure::ImageNotTrusted(format!(
-                                    "publisher {} of image {} is not trusted",
-                                    measured.publisher, measured.image
-                                ))
-                            })
-                            .and_then(|publisher| {
-                                let measurements =
-                                    Measurements::from_hex_map(measured.measurements.iter().map(
-                                        |(k, v)| (k.as_str(), v.expected.as_str(), v.warn_only),
-                                    ))
-                                    .map_err(|e| {
-                                        Failure::ImageNotTrusted(format!(
-                                            "measurements of {}: {e}",
-                                            measured.image
-                                        ))
-                                    })?;
-                                let file = MeasurementFile {
-                                    image: measured.image.clone(),
-                                    measurements,
-                                };
-                                file.verify(&measured.signature, &publisher.public_key)
-                                    .map_err(|e| {
-                                        Failure::ImageNotTrusted(format!(
-                                            "measurements of {}: {e}",
-                                            measured.image
-                                        ))
-                                    })?;
-                                Ok(file.measurements)
-                            });
-                    (measured.image.clone(), checked)
-                })
-                .collect();
+        // The gate's one image-trust rule (`crate::verify`): every entry
+        // listing an image is tried, the first that verifies wins, and SEV-SNP
+        // launch values are part of what is signed.
+        let mut images: HashMap<String, Result<Measurements, Failure>> = HashMap::new();
+        for measured in &spec.images {
+            if matches!(images.get(&measured.image), Some(Ok(_))) {
+                continue;
+            }
+            let checked = verify_entry(&spec.publishers, measured).map_err(|e| {
+                Failure::ImageNotTrusted(format!("measurements of {}: {e}", measured.image))
+            });
+            images.insert(measured.image.clone(), checked);
+        }
         Ok(Self { trust, images })
     }
 
@@ -121,15 +94,9 @@ impl PolicyInForce {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confidential_api::{
-        EvidenceKind, MeasuredImage, Measurement, NodeAttestationSpec, PublisherKey, TpmTrust,
-        Verdict as ApiVerdict,
-    };
+    use confidential_api::{EvidenceKind, NodeAttestationSpec, Verdict as ApiVerdict};
     use confidential_attestation::evidence::{Evidence, EvidenceEnvelope, TpmEvidence};
-    use confidential_attestation::measurements::Expected;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use p256::pkcs8::EncodePublicKey;
-    use std::collections::BTreeMap;
 
     /// The nonce the recorded fixture quote is bound to.
     const NONCE: [u8; 32] = [0x11; 32];
@@ -152,54 +119,20 @@ mod tests {
         }
     }
 
-    fn key(seed: u8) -> p256::ecdsa::SigningKey {
-        p256::ecdsa::SigningKey::from_slice(&[seed; 32]).expect("valid scalar")
-    }
+    use confidential_testenv::fixtures::{self, Publisher, seeded_key as key};
 
     /// A policy trusting the fixture's EK CA and `IMAGE` with `pcr4`,
     /// signed by `signer` while the publisher entry holds key 1.
     fn policy(pcr4: [u8; 32], signer: &p256::ecdsa::SigningKey) -> AttestationPolicySpec {
-        let file = MeasurementFile {
-            image: IMAGE.into(),
-            measurements: Measurements::new(BTreeMap::from([(
-                4,
-                Expected {
-                    expected: pcr4,
-                    warn_only: false,
-                },
-            )]))
-            .expect("valid"),
-        };
-        AttestationPolicySpec {
-            evidence_kinds: vec![EvidenceKind::Tpm],
-            tpm: Some(TpmTrust {
-                ek_ca_certificates: vec![
-                    include_str!("../../../attestation/testdata/tpm/ek-ca.pem").into(),
-                ],
-            }),
-            snp: None,
-            publishers: vec![PublisherKey {
-                name: "pub".into(),
-                public_key: key(1)
-                    .verifying_key()
-                    .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-                    .expect("pem"),
-            }],
-            images: vec![MeasuredImage {
-                image: IMAGE.into(),
-                snp: None,
-                measurements: BTreeMap::from([(
-                    "4".to_owned(),
-                    Measurement {
-                        expected: hex::encode(pcr4),
-                        warn_only: false,
-                    },
-                )]),
-                publisher: "pub".into(),
-                signature: file.sign(signer),
-            }],
-            reattestation_interval: None,
-        }
+        let file = fixtures::measurement_file(IMAGE, &[(4, pcr4, false)]);
+        let publisher = Publisher::seeded("pub", 1);
+        let mut spec = fixtures::policy_spec(
+            Some(include_str!("../../../attestation/testdata/tpm/ek-ca.pem")),
+            &[&publisher],
+            vec![fixtures::entry(&file, publisher.name(), &file.sign(signer))],
+        );
+        spec.reattestation_interval = None;
+        spec
     }
 
     fn attestation(ak: &str) -> NodeAttestation {
@@ -283,5 +216,43 @@ mod tests {
             .expect_err("image");
         assert_eq!(err.reason(), "ImageNotTrusted");
         assert!(err.to_string().contains("no measurements"), "{err}");
+    }
+
+    /// Re-attestation trusts entries by the gate's one rule
+    /// (`verify::verify_entry`): SEV-SNP launch values are part of the
+    /// signed bytes, and of several entries for one image the first that
+    /// verifies wins, whatever follows it.
+    #[test]
+    fn entries_are_trusted_by_the_gates_one_rule() {
+        use confidential_attestation::snp::launch::SnpLaunchPolicy;
+        let publisher = Publisher::seeded("pub", 1);
+        let mut file = fixtures::measurement_file(IMAGE, &[(4, fixture_pcr4(), false)]);
+        file.measurements = file.measurements.with_snp(Some(SnpLaunchPolicy {
+            measurement: [0x5a; 48],
+            vmpl: 0,
+            allow_smt: false,
+            allow_migration_agent: false,
+        }));
+        let mut spec = policy(fixture_pcr4(), &key(1));
+        spec.images = vec![publisher.entry(&file)];
+        let in_force = PolicyInForce::new(&spec).expect("policy");
+        let trusted = in_force.measurements(IMAGE).expect("an SNP entry verifies");
+        assert_eq!(trusted.snp().map(|s| s.measurement), Some([0x5a; 48]));
+
+        // A valid entry, then a forged one for the same image: still trusted.
+        let mut forged = publisher.entry(&fixtures::measurement_file(
+            IMAGE,
+            &[(4, [0xee; 32], false)],
+        ));
+        forged.signature = publisher.sign(&fixtures::measurement_file(IMAGE, &[]));
+        spec.images.push(forged.clone());
+        let in_force = PolicyInForce::new(&spec).expect("policy");
+        assert!(in_force.measurements(IMAGE).is_ok());
+        // Only the forged one: not trusted, and the reason says why.
+        spec.images = vec![forged];
+        let in_force = PolicyInForce::new(&spec).expect("policy");
+        let err = in_force.measurements(IMAGE).expect_err("forged");
+        assert_eq!(err.reason(), "ImageNotTrusted");
+        assert!(err.to_string().contains("signature"), "{err}");
     }
 }

@@ -1,33 +1,25 @@
-//! Test fixtures shared by the decision tests: a publisher key, signed
-//! AttestationPolicies, NodeAttestations.
+//! Test fixtures shared by the webhook's decision tests: the publisher
+//! `acme`, its signed entries and AttestationPolicies (made by the test
+//! environment's fixtures, the one way every suite signs a measured image),
+//! and NodeAttestations.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use confidential_api::{
-    AttestationPolicy, AttestationPolicySpec, EvidenceKind, MeasuredImage, Measurement,
-    NodeAttestation, NodeAttestationSpec, PublisherKey, Verdict,
+    AttestationPolicy, AttestationPolicySpec, EvidenceKind, MeasuredImage, NodeAttestation,
+    NodeAttestationSpec, PublisherKey, Verdict,
 };
-use confidential_attestation::measurements::MeasurementFile;
+use confidential_attestation::measurements::parse_pcr_value;
+use confidential_testenv::fixtures;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use p256::ecdsa::SigningKey;
-use p256::pkcs8::{EncodePublicKey, LineEnding};
-
-use crate::verify::measurement_file;
 
 pub const IMAGE: &str = "ghcr.io/acme/node-image:v1.2.0";
 pub const PCR4: &str = "4444444444444444444444444444444444444444444444444444444444444444";
 pub const PCR9: &str = "9999999999999999999999999999999999999999999999999999999999999999";
 
-pub fn signing_key(seed: u8) -> SigningKey {
-    SigningKey::from_bytes(&[seed; 32].into()).expect("valid scalar")
-}
-
-pub fn public_pem(key: &SigningKey) -> String {
-    key.verifying_key()
-        .to_public_key_pem(LineEnding::LF)
-        .expect("encodes")
-}
+pub use confidential_testenv::fixtures::{public_pem, seeded_key as signing_key};
 
 /// An entry for `image` with PCR 4 enforced and PCR 9 warnOnly, signed by `key`.
 pub fn signed_entry(image: &str, key: &SigningKey) -> MeasuredImage {
@@ -35,34 +27,23 @@ pub fn signed_entry(image: &str, key: &SigningKey) -> MeasuredImage {
 }
 
 /// An entry of publisher `acme` for `image` with `(pcr, expected hex,
-/// warnOnly)` measurements, signed by `key`: the one way the webhook's tests
-/// sign a measured image.
+/// warnOnly)` measurements, signed by `key`, made by the test environment's
+/// one fixture ([`confidential_testenv::fixtures`]).
 pub fn signed_entry_with(
     image: &str,
     measurements: &[(&str, &str, bool)],
     key: &SigningKey,
 ) -> MeasuredImage {
-    let mut entry = MeasuredImage {
-        image: image.to_owned(),
-        measurements: measurements
-            .iter()
-            .map(|(pcr, expected, warn_only)| {
-                (
-                    (*pcr).to_owned(),
-                    Measurement {
-                        expected: (*expected).to_owned(),
-                        warn_only: *warn_only,
-                    },
-                )
-            })
-            .collect(),
-        snp: None,
-        publisher: "acme".to_owned(),
-        signature: String::new(),
-    };
-    let file: MeasurementFile = measurement_file(&entry).expect("valid entry");
-    entry.signature = file.sign(key);
-    entry
+    let pcrs: Vec<(u8, [u8; 32], bool)> = measurements
+        .iter()
+        .map(|(pcr, expected, warn_only)| {
+            let pcr = pcr.parse().expect("fixture PCR index");
+            let expected = parse_pcr_value(pcr, expected).expect("fixture PCR value");
+            (pcr, expected, *warn_only)
+        })
+        .collect();
+    let file = fixtures::measurement_file(image, &pcrs);
+    fixtures::entry(&file, "acme", &file.sign(key))
 }
 
 /// A policy trusting publisher `acme` (key seed 1) with the given entries.

@@ -13,21 +13,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use confidential_api::{
-    AttestationPolicy, AttestationPolicySpec, EvidenceKind, MeasuredImage, Measurement,
-    PublisherKey,
-};
-use confidential_attestation::measurements::MeasurementFile;
+use confidential_api::{AttestationPolicy, MeasuredImage};
+use confidential_testenv::fixtures::{self, Publisher};
 use confidential_testenv::pki::{CertificateAuthority, CertifiedKey};
 use confidential_testenv::{TestCluster, eventually, install_crds, install_crypto_provider};
 use confidential_webhook::handler::Webhook;
 use confidential_webhook::server::{self, Running, WebhookArgs};
-use confidential_webhook::verify::measurement_file;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource};
 use p256::ecdsa::SigningKey;
-use p256::pkcs8::{EncodePublicKey, LineEnding};
 
 /// The node image the test policy trusts.
 pub const TRUSTED_IMAGE: &str = "ghcr.io/acme/node-image:v1.2.0";
@@ -36,48 +31,33 @@ pub const PCR4: &str = "44444444444444444444444444444444444444444444444444444444
 pub const NGINX_DIGEST: &str =
     "sha256:0d17b565c37bcbd895e9d92315a05c1c3c9a29f762b011a10c54a66cd53c9b31";
 
-/// The publisher key of the test policy.
-pub fn publisher_key() -> SigningKey {
-    SigningKey::from_bytes(&[1u8; 32].into()).expect("valid scalar")
+/// The publisher of the test policy, `acme` (key seed 1).
+pub fn publisher() -> Publisher {
+    Publisher::seeded("acme", 1)
 }
 
-/// A measured-image entry for `image`, PCR 4 enforced, signed by `key`.
+/// A measured-image entry of publisher `acme` for `image`, PCR 4 enforced,
+/// signed by `key`.
 pub fn signed_entry(image: &str, key: &SigningKey) -> Result<MeasuredImage> {
-    let mut entry = MeasuredImage {
-        image: image.to_owned(),
-        measurements: [(
-            "4".to_owned(),
-            Measurement {
-                expected: PCR4.to_owned(),
-                warn_only: false,
-            },
-        )]
-        .into(),
-        snp: None,
-        publisher: "acme".to_owned(),
-        signature: String::new(),
-    };
-    let file: MeasurementFile = measurement_file(&entry).map_err(anyhow::Error::msg)?;
-    entry.signature = file.sign(key);
-    Ok(entry)
+    let file = fixtures::measurement_file(image, &[(4, pcr4(), false)]);
+    Ok(fixtures::entry(&file, "acme", &file.sign(key)))
+}
+
+/// [`PCR4`] as bytes.
+pub fn pcr4() -> [u8; 32] {
+    [0x44; 32]
 }
 
 /// The AttestationPolicy trusting [`TRUSTED_IMAGE`].
 pub fn attestation_policy(name: &str) -> Result<AttestationPolicy> {
+    let publisher = publisher();
     Ok(AttestationPolicy::new(
         name,
-        AttestationPolicySpec {
-            evidence_kinds: vec![EvidenceKind::Tpm],
-            publishers: vec![PublisherKey {
-                name: "acme".to_owned(),
-                public_key: publisher_key()
-                    .verifying_key()
-                    .to_public_key_pem(LineEnding::LF)?,
-            }],
-            images: vec![signed_entry(TRUSTED_IMAGE, &publisher_key())?],
-            reattestation_interval: Some("24h".to_owned()),
-            ..Default::default()
-        },
+        fixtures::policy_spec(
+            None,
+            &[&publisher],
+            vec![signed_entry(TRUSTED_IMAGE, publisher.signing_key())?],
+        ),
     ))
 }
 
@@ -111,7 +91,10 @@ impl SecretVolume {
         std::fs::write(target.join("tls.crt"), &pair.cert_pem)?;
         std::fs::write(target.join("tls.key"), &pair.key_pem)?;
         let tmp = self.dir.join("..data_tmp");
-        let _ = std::fs::remove_file(&tmp);
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         std::os::unix::fs::symlink(&data, &tmp)?;
         std::fs::rename(&tmp, self.dir.join("..data"))?;
         Ok(())

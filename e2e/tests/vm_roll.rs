@@ -103,10 +103,9 @@ async fn a_vm_pool_rolls_to_v2_and_no_donor_goes_before_its_heir_is_attested() -
         "nodes are replaced, never patched: {v1_nodes:?} / {v2_nodes:?}"
     );
     for donor in &v1_nodes {
-        let gone = record.machine_gone.get(donor);
         assert!(
-            gone.is_some(),
-            "machine {donor} was not deleted: {record:?}"
+            record.machine_gone.contains_key(donor) && record.node_gone.contains_key(donor),
+            "machine and Node {donor} were not both seen deleted: {record:?}"
         );
     }
     // Every donor machine's QEMU, swtpm and files are gone.

@@ -182,7 +182,10 @@ impl RollWatch {
             let mut seen_nodes: BTreeSet<String> = BTreeSet::new();
             let mut seen_machines: BTreeSet<String> = BTreeSet::new();
             let pool = format!("{LABEL_NODE_POOL}={DEFAULT}");
-            while !flag.load(Ordering::Relaxed) {
+            loop {
+                // Read before the sample: after `finish` one more sample
+                // is taken, so the last changes are seen too.
+                let last = flag.load(Ordering::Relaxed);
                 record.samples += 1;
                 let at = started.elapsed().as_secs_f64();
                 // Machines first: a machine gone in this sample must find its
@@ -240,6 +243,9 @@ impl RollWatch {
                 }
                 seen_nodes = names;
                 seen_machines = machines;
+                if last {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             if record.samples < 3 {

@@ -13,7 +13,6 @@
 
 #![allow(dead_code)] // the suite and the bench use different parts
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,9 +20,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use confidential_api::{AttestationPolicy, NodeVersion};
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
 use confidential_attestation::predict::pe::PeImage;
 use confidential_attestation::predict::predict_uki_boot;
+use confidential_testenv::fixtures::{Publisher, measurement_file, policy_spec};
 use confidential_testenv::pki::CertificateAuthority;
 use confidential_testenv::swtpm::{Swtpm, SwtpmCa};
 use confidential_testenv::vm::{Accel, GUEST_HOST_IP, GuestForward, Vm, VmDisk, VmOptions};
@@ -33,7 +32,6 @@ use confidential_testenv::{
 };
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
-use p256::pkcs8::EncodePublicKey;
 use serde_json::json;
 use xtask::node_image::{ImageVersion, NodeImageInputs, build};
 
@@ -141,54 +139,24 @@ impl NodeEnv {
         // The local EK CA materialises with the first manufactured TPM.
         let ca = SwtpmCa::new()?;
         drop(Swtpm::start(&ca)?);
-        let key = p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
-        let measurements: BTreeMap<u8, Expected> = predicted
+        // The policy pins every PCR predicted from the UKI file, signed by
+        // the image's publisher: the shared fixtures, as every suite makes it.
+        let publisher = Publisher::random("vm-publisher");
+        let pcrs: Vec<(u8, [u8; 32], bool)> = predicted
             .iter()
-            .map(|(pcr, value)| {
-                (
-                    *pcr,
-                    Expected {
-                        expected: *value,
-                        warn_only: false,
-                    },
-                )
-            })
+            .map(|(pcr, value)| (*pcr, *value, false))
             .collect();
-        let file = MeasurementFile {
-            image: IMAGE.to_owned(),
-            measurements: Measurements::new(measurements)?,
-        };
-        let signature = file.sign(&key);
-        let public_pem = key
-            .verifying_key()
-            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let expected: serde_json::Map<String, serde_json::Value> = predicted
-            .iter()
-            .map(|(pcr, value)| {
-                (
-                    pcr.to_string(),
-                    json!({ "expected": hex::encode(value), "warnOnly": false }),
-                )
-            })
-            .collect();
+        let file = measurement_file(IMAGE, &pcrs);
         let policy = unique_name("vm-policy");
         let pool = unique_name("vm-pool");
-        let policy_obj: AttestationPolicy = serde_json::from_value(json!({
-            "metadata": { "name": policy },
-            "spec": {
-                "evidenceKinds": ["Tpm"],
-                "tpm": { "ekCaCertificates": [ca.issuer_pem()?] },
-                "publishers": [{ "name": "vm-publisher", "publicKey": public_pem }],
-                "images": [{
-                    "image": IMAGE,
-                    "measurements": expected,
-                    "publisher": "vm-publisher",
-                    "signature": signature,
-                }],
-                "reattestationInterval": "24h",
-            }
-        }))?;
+        let policy_obj = AttestationPolicy::new(
+            &policy,
+            policy_spec(
+                Some(&ca.issuer_pem()?),
+                &[&publisher],
+                vec![publisher.entry(&file)],
+            ),
+        );
         Api::<AttestationPolicy>::all(client.clone())
             .create(&PostParams::default(), &policy_obj)
             .await?;

@@ -27,33 +27,24 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use confidential_api::PendingNode;
-use confidential_api::conditions::{condition, set_condition};
-use confidential_api::keys::{LABEL_NODE_IMAGE, LABEL_NODE_POOL, image_label_value};
 use confidential_controllers::provider::{
     Leave, LeaveRequest, Machine, MachineRequest, Provider, ProviderError,
 };
 use confidential_testenv::swtpm::SwtpmCa;
-use confidential_testenv::vm::{Accel, GuestForward, Vm, VmDisk, VmOptions};
+use confidential_testenv::vm::{Accel, Vm, VmDisk, VmOptions};
 use futures::future::BoxFuture;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::api::Api;
 use tokio::task::JoinHandle;
 
 use crate::node_images::{NodeImages, image_version};
 
-/// The launch configuration keys a machine gets (the bootstrapper's
-/// environment variables; the image's init passes them on).
-pub const ENV_NODE_NAME: &str = "CONFIDENTIAL_NODE_NAME";
-pub const ENV_POOL: &str = "CONFIDENTIAL_POOL";
-pub const ENV_GATE_ENDPOINTS: &str = "CONFIDENTIAL_GATE_ENDPOINTS";
-pub const ENV_GATE_PIN: &str = "CONFIDENTIAL_GATE_PIN";
-pub const ENV_DISK_UUID: &str = "CONFIDENTIAL_DISK_UUID";
-/// The labels the node's kubelet registers with (`--node-labels`): the
-/// pool and image identity labels, which the gate's admission checks
-/// against the machine's attestation (a wrong value is refused).
-pub const ENV_NODE_LABELS: &str = "CONFIDENTIAL_NODE_LABELS";
+mod launch;
+mod state;
+
+pub use launch::*;
+pub use state::*;
+
 /// The serial of the state disk (`/sys/block/vdX/serial` in the guest).
 pub const STATE_DISK_SERIAL: &str = "state";
 /// Size of each machine's state disk (a sparse file: only what the guest
@@ -62,120 +53,8 @@ pub const STATE_DISK_MIB: u64 = 2048;
 /// Memory of each VM (the issue's bound: at most 1 GiB; containerd, the
 /// kubelet and pods run in it).
 pub const VM_MEMORY_MIB: u32 = 1024;
-/// The condition type written on PendingNodes.
-pub const MACHINE_RUNNING: &str = "MachineRunning";
-/// What the node image's init prints first on the console.
-const BOOTED_MARKER: &str = "node-image: init running version=";
 /// How often [`QemuProvider::report_to`] looks at the machines.
 const REPORT_PERIOD: Duration = Duration::from_secs(2);
-
-/// Cluster-wide part of every machine's launch configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LaunchConfig {
-    /// The gate's join endpoints (`host:port`) as the guest reaches them.
-    pub gate_endpoints: Vec<String>,
-    /// The gate key every machine pins.
-    pub gate_pin: [u8; 32],
-    /// The host's loopback ports the guest may reach (the gate's join
-    /// port, the API server): nothing else.
-    pub forwards: Vec<GuestForward>,
-}
-
-/// A launch configuration value that would break the `KEY=value` format.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("launch configuration {key}: {value:?} holds a line break or NUL")]
-pub struct LaunchValueError {
-    key: &'static str,
-    value: String,
-}
-
-impl LaunchConfig {
-    /// The `KEY=value` lines of one machine's launch configuration. A value
-    /// that could smuggle another line is refused.
-    pub fn node_env(
-        &self,
-        request: &MachineRequest,
-        disk_uuid: &str,
-    ) -> Result<String, LaunchValueError> {
-        let mut text = String::new();
-        for (key, value) in [
-            (ENV_NODE_NAME, request.name.clone()),
-            (ENV_POOL, request.pool.clone()),
-            (ENV_GATE_ENDPOINTS, self.gate_endpoints.join(",")),
-            (ENV_GATE_PIN, hex::encode(self.gate_pin)),
-            (ENV_DISK_UUID, disk_uuid.to_owned()),
-            (
-                ENV_NODE_LABELS,
-                format!(
-                    "{LABEL_NODE_POOL}={},{LABEL_NODE_IMAGE}={}",
-                    request.pool,
-                    image_label_value(&request.image)
-                ),
-            ),
-        ] {
-            if value.contains(['\n', '\r', '\0']) {
-                return Err(LaunchValueError { key, value });
-            }
-            text.push_str(&format!("{key}={value}\n"));
-        }
-        Ok(text)
-    }
-}
-
-/// What a machine is doing, as its processes and console show it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MachineState {
-    /// Image, disk and vTPM being prepared, or firmware and kernel starting.
-    Booting,
-    /// The node OS runs: its init printed this image version.
-    Running { version: String },
-    /// QEMU exited (`code` is `None` when a signal ended it).
-    Exited {
-        code: Option<i32>,
-        console_tail: String,
-    },
-    /// The machine could not be started (the reason).
-    StartFailed(String),
-}
-
-impl MachineState {
-    /// The `MachineRunning` condition's status, reason and message.
-    pub fn condition_fields(&self) -> (bool, &'static str, String) {
-        match self {
-            Self::Booting => (
-                false,
-                "Booting",
-                "QEMU runs; firmware and kernel are starting".to_owned(),
-            ),
-            Self::Running { version } => (
-                true,
-                "Running",
-                format!("the node OS of image version {version} runs"),
-            ),
-            Self::Exited { code, console_tail } => (
-                false,
-                "Exited",
-                match code {
-                    Some(code) => format!("QEMU exited with code {code}; console: {console_tail}"),
-                    None => format!("QEMU was ended by a signal; console: {console_tail}"),
-                },
-            ),
-            Self::StartFailed(reason) => (false, "StartFailed", reason.clone()),
-        }
-    }
-}
-
-/// The image version the node OS printed on the console, once it did.
-pub fn booted_version(console: &str) -> Option<String> {
-    let (_, rest) = console.split_once(BOOTED_MARKER)?;
-    let version = rest.split_whitespace().next()?;
-    Some(version.to_owned())
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
-    all[all.len().saturating_sub(lines)..].join(" | ")
-}
 
 enum Phase {
     Starting,
@@ -330,48 +209,6 @@ impl QemuProvider {
     }
 }
 
-/// Sets the `MachineRunning` condition of PendingNode `name` to `state`;
-/// writes only on a change, guarded by the resourceVersion read (a
-/// concurrent writer wins and the next round retries).
-async fn report(
-    pending: &Api<PendingNode>,
-    name: &str,
-    state: &MachineState,
-) -> Result<(), kube::Error> {
-    let Some(current) = pending.get_opt(name).await? else {
-        return Ok(());
-    };
-    let mut conditions = current
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let (status, reason, message) = state.condition_fields();
-    let changed = set_condition(
-        &mut conditions,
-        condition(
-            MACHINE_RUNNING,
-            status,
-            reason,
-            message,
-            None,
-            Time(jiff::Timestamp::now()),
-        ),
-    );
-    if !changed {
-        return Ok(());
-    }
-    let patch = json!({
-        "metadata": { "resourceVersion": current.metadata.resource_version },
-        "status": { "conditions": conditions },
-    });
-    pending
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await?;
-    tracing::info!(node = %name, reason, "machine state reported");
-    Ok(())
-}
-
 /// Prepares the disk and boots the VM (blocking: swtpm set-up, the first
 /// build of an image version, process starts).
 fn start_vm(
@@ -397,21 +234,6 @@ fn start_vm(
         ..VmOptions::default()
     };
     Vm::boot_with(ca, &uki, accel, &options)
-}
-
-/// An RFC 4122 version-4 UUID from 16 random bytes.
-fn uuid_v4(mut bytes: [u8; 16]) -> String {
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let h = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// Stops a machine's processes and removes its files (blocking).
@@ -544,85 +366,5 @@ impl QemuProvider {
 impl Drop for QemuProvider {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_booted_version_is_what_init_printed() {
-        assert_eq!(booted_version("BdsDxe: loading\r\n"), None);
-        assert_eq!(
-            booted_version("x\nnode-image: init running version=v2 uptime=3.1\n"),
-            Some("v2".to_owned())
-        );
-    }
-
-    #[test]
-    fn every_machine_gets_its_own_launch_configuration() {
-        let launch = LaunchConfig {
-            gate_endpoints: vec!["10.0.2.100:9443".into(), "10.0.2.100:9444".into()],
-            gate_pin: [0xab; 32],
-            forwards: Vec::new(),
-        };
-        let mut request = MachineRequest {
-            name: "default-abc12".into(),
-            pool: "default".into(),
-            image: "registry.example/confidential-node:v1".into(),
-            kubernetes_version: "v1.35.4".into(),
-            control_plane: false,
-        };
-        let env = launch
-            .node_env(&request, "00000000-0000-4000-8000-000000000001")
-            .expect("valid values");
-        assert_eq!(
-            env,
-            format!(
-                "CONFIDENTIAL_NODE_NAME=default-abc12\n\
-                 CONFIDENTIAL_POOL=default\n\
-                 CONFIDENTIAL_GATE_ENDPOINTS=10.0.2.100:9443,10.0.2.100:9444\n\
-                 CONFIDENTIAL_GATE_PIN={}\n\
-                 CONFIDENTIAL_DISK_UUID=00000000-0000-4000-8000-000000000001\n\
-                 CONFIDENTIAL_NODE_LABELS=confidential.dev/node-pool=default,\
-                 confidential.dev/node-image=registry.example_confidential-node_v1\n",
-                "ab".repeat(32)
-            )
-        );
-        for smuggled in ["a\nCONFIDENTIAL_GATE_PIN=00", "a\rb", "a\0b"] {
-            request.pool = smuggled.into();
-            let err = launch
-                .node_env(&request, "00000000-0000-4000-8000-000000000001")
-                .expect_err(smuggled);
-            assert!(err.to_string().contains("CONFIDENTIAL_POOL"), "{err}");
-        }
-    }
-
-    #[test]
-    fn disk_uuids_are_version_4() {
-        let uuid = uuid_v4([0xff; 16]);
-        assert_eq!(uuid, "ffffffff-ffff-4fff-bfff-ffffffffffff");
-        assert!(confidential_attestation::kdf::is_valid_disk_uuid(&uuid_v4(
-            [0; 16]
-        )));
-    }
-
-    #[test]
-    fn the_condition_says_what_the_process_does() {
-        let exited = MachineState::Exited {
-            code: Some(1),
-            console_tail: "Kernel panic".into(),
-        };
-        let (status, reason, message) = exited.condition_fields();
-        assert!(!status);
-        assert_eq!(reason, "Exited");
-        assert!(message.contains("code 1") && message.contains("Kernel panic"));
-        let (status, reason, _) = MachineState::Running {
-            version: "v1".into(),
-        }
-        .condition_fields();
-        assert!(status);
-        assert_eq!(reason, "Running");
     }
 }

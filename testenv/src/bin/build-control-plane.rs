@@ -1,5 +1,6 @@
-//! Builds (or finds) the control-plane binaries the tests use and prints where
-//! they are. `.ci/run` calls it so the build shows up as its own step.
+//! Builds (or finds) the control-plane binaries and the VM nodes' kubelet the
+//! tests use and prints where they are. `.ci/run` calls it so the builds show
+//! up as their own step (and run beside clippy) instead of inside a test.
 
 fn main() -> anyhow::Result<()> {
     let binaries = confidential_testenv::binaries::ensure()?;
@@ -17,5 +18,7 @@ fn main() -> anyhow::Result<()> {
         binaries.kube_scheduler.display()
     );
     println!("kubectl                 {}", binaries.kubectl.display());
+    let kubelet = confidential_testenv::binaries::ensure_kubelet()?;
+    println!("kubelet (VM nodes)      {}", kubelet.display());
     Ok(())
 }

@@ -5,8 +5,13 @@
 //! `init --gate-url` named, keeps the certificate files in sync (the gate
 //! reloads them, so a rotation by `init --rotate-serving-cert` takes effect
 //! without a restart), and runs the node operator with the playground's
-//! machine provider, whose machines pin the gate key derived from that
-//! master secret.
+//! machine provider (swtpm processes, or QEMU VMs), whose machines pin the
+//! gate key derived from that master secret.
+//!
+//! VM machines reach the host only through QEMU's guest forwards
+//! (`10.0.2.100:PORT` to the host's `127.0.0.1:PORT`), for exactly two
+//! ports: the gate's join endpoint and the API server; so the gate hands
+//! them the API server at its guest-visible address.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,7 +29,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
 
+use crate::node_images::NodeImages;
 use crate::provider::SwtpmProvider;
+use crate::vm_provider::{LaunchConfig, QemuProvider};
+use confidential_controllers::provider::Provider;
+use confidential_testenv::vm::{Accel, GUEST_HOST_IP, GuestForward};
 
 /// Names `init` gives the gate's Secrets (see `manifests/webhook/deployment.yaml`).
 const NAMESPACE: &str = confidential_api::keys::NAMESPACE;
@@ -48,13 +57,58 @@ pub struct HostConfig {
     /// `127.0.0.1:PORT`: the gate's join listener.
     pub join_endpoint: String,
     pub ca: Arc<SwtpmCa>,
+    /// What the operator's machines are.
+    pub machines: HostMachines,
+}
+
+/// The machines the operator creates.
+pub enum HostMachines {
+    /// [`SwtpmProvider`]: processes.
+    Process,
+    /// [`QemuProvider`]: VMs booting `images` on `accel`.
+    Vm {
+        accel: Accel,
+        images: Arc<NodeImages>,
+    },
+}
+
+/// The running provider.
+#[derive(Clone)]
+pub enum HostProvider {
+    Process(Arc<SwtpmProvider>),
+    Vm(Arc<QemuProvider>),
+}
+
+/// The port of a `host:port` or `https://host:port` address.
+fn port_of(address: &str) -> Result<u16> {
+    address
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .with_context(|| format!("{address} has no port"))
+}
+
+/// The guest forwards of VM machines: the join endpoint and the API server,
+/// each on the same port number as on the host.
+fn vm_forwards(config: &HostConfig) -> Result<Vec<GuestForward>> {
+    [config.join_endpoint.as_str(), config.server.as_str()]
+        .into_iter()
+        .map(|address| {
+            let port = port_of(address)?;
+            Ok(GuestForward {
+                guest_port: port,
+                host_port: port,
+            })
+        })
+        .collect()
 }
 
 #[derive(Default)]
 struct Running {
     gate: Option<ManagedProcess>,
     operator: Option<tokio::task::JoinHandle<()>>,
-    provider: Option<Arc<SwtpmProvider>>,
+    provider: Option<HostProvider>,
+    reporter: Option<tokio::task::JoinHandle<()>>,
     last_error: Option<String>,
 }
 
@@ -142,7 +196,7 @@ impl Host {
     }
 
     /// The machine provider, once the operator runs.
-    pub fn provider(&self) -> Option<Arc<SwtpmProvider>> {
+    pub fn provider(&self) -> Option<HostProvider> {
         lock(&self.running).provider.clone()
     }
 
@@ -159,8 +213,15 @@ impl Drop for Host {
         if let Some(operator) = state.operator.take() {
             operator.abort();
         }
-        // Dropping the machines stops their kubelets, bootstrappers and TPMs.
-        state.provider.take();
+        if let Some(reporter) = state.reporter.take() {
+            reporter.abort();
+        }
+        // Dropping the machines stops their kubelets, bootstrappers and
+        // TPMs; VMs are stopped here, whoever else still holds the provider
+        // (the aborted operator task may not have been dropped yet).
+        if let Some(HostProvider::Vm(provider)) = state.provider.take() {
+            provider.shutdown();
+        }
         if let Some(mut gate) = state.gate.take() {
             gate.stop(Duration::from_secs(5));
         }
@@ -198,14 +259,39 @@ async fn sync(config: &HostConfig, running: &Mutex<Running>) -> Result<()> {
         tracing::info!(url = %config.gate_url, join = %config.join_endpoint, "playground host: started the gate");
     }
     if state.operator.is_none() {
-        let provider = Arc::new(SwtpmProvider::new(
-            config.ca.clone(),
-            vec![config.join_endpoint.clone()],
-            gate_pin(master_json)?,
-        ));
+        let pin = gate_pin(master_json)?;
+        let (provider, operated): (HostProvider, Arc<dyn Provider>) = match &config.machines {
+            HostMachines::Process => {
+                let provider = Arc::new(SwtpmProvider::new(
+                    config.ca.clone(),
+                    vec![config.join_endpoint.clone()],
+                    pin,
+                ));
+                (HostProvider::Process(provider.clone()), provider)
+            }
+            HostMachines::Vm { accel, images } => {
+                let launch = LaunchConfig {
+                    gate_endpoints: vec![format!(
+                        "{GUEST_HOST_IP}:{}",
+                        port_of(&config.join_endpoint)?
+                    )],
+                    gate_pin: pin,
+                    forwards: vm_forwards(config)?,
+                };
+                let provider = Arc::new(QemuProvider::new(
+                    config.ca.clone(),
+                    images.clone(),
+                    launch,
+                    *accel,
+                    &config.dir.join("machines"),
+                )?);
+                state.reporter = Some(provider.report_to(config.client.clone()));
+                (HostProvider::Vm(provider.clone()), provider)
+            }
+        };
         state.operator = Some(tokio::spawn(confidential_controllers::operator::run(
             config.client.clone(),
-            provider.clone(),
+            operated,
             Metrics::new(),
             Settings::default(),
             None,
@@ -214,6 +300,17 @@ async fn sync(config: &HostConfig, running: &Mutex<Running>) -> Result<()> {
         tracing::info!("playground host: started the node operator");
     }
     Ok(())
+}
+
+/// The API server URL the gate hands joining machines: VMs reach it at the
+/// guest-visible address of its forward.
+fn nodes_api_server(config: &HostConfig) -> Result<String> {
+    Ok(match config.machines {
+        HostMachines::Process => config.server.clone(),
+        HostMachines::Vm { .. } => {
+            format!("https://{GUEST_HOST_IP}:{}", port_of(&config.server)?)
+        }
+    })
 }
 
 fn spawn_gate(config: &HostConfig) -> Result<ManagedProcess> {
@@ -238,7 +335,7 @@ fn spawn_gate(config: &HostConfig) -> Result<ManagedProcess> {
             "--join-master-secret-file={}",
             d.join("master-secret.json").display()
         ))
-        .arg(format!("--join-api-server={}", config.server))
+        .arg(format!("--join-api-server={}", nodes_api_server(config)?))
         .arg(format!(
             "--join-ca-file={}",
             d.join("cluster-ca.crt").display()

@@ -2,7 +2,7 @@
 //! machine. It starts only what a cloud would provide — the control plane
 //! (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, from the
 //! test environment) and machines (swtpm-backed simulated confidential
-//! nodes) — and everything confidential is installed by the real
+//! nodes, or QEMU VMs booting the node image: [`Machines`]) — and everything confidential is installed by the real
 //! `kubectl confidential init` binary, exactly as on any cluster. No
 //! kubelet runs our pods here, so `init` runs in its out-of-cluster mode
 //! (`--gate-url`) and the playground's [`host`] does what a kubelet would:
@@ -13,11 +13,15 @@
 //!
 //! The playground writes the admin's trust material into its directory:
 //! a publisher key and the signed measurement files of two node images
-//! (`node-v1.json`, `node-v2.json` and their `.sig`), the swtpm EK CA, and
-//! `playground.env` with the addresses `init` needs.
+//! (`node-v1.json`, `node-v2.json` and their `.sig`; for VM machines
+//! predicted from the UKIs of `cargo xtask node-image`, never read from a
+//! booted VM), the swtpm EK CA, and `playground.env` with the addresses
+//! `init` needs.
 
 pub mod host;
+pub mod node_images;
 pub mod provider;
+pub mod vm_provider;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,6 +38,21 @@ use kube::Client;
 use kube::api::Api;
 
 pub use provider::SwtpmProvider;
+pub use vm_provider::QemuProvider;
+
+/// What the playground's machines are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Machines {
+    /// swtpm-backed processes: the real bootstrapper and the kubelet
+    /// stand-in (fast; no firmware, no kernel).
+    #[default]
+    Process,
+    /// QEMU VMs booting the node image under OVMF with a swtpm vTPM
+    /// ([`vm_provider`]), on `accel`.
+    Vm {
+        accel: confidential_testenv::vm::Accel,
+    },
+}
 
 /// The node images the playground's publisher signed measurements for.
 pub const IMAGE_V1: &str = "registry.example/confidential-node:v1";
@@ -56,6 +75,8 @@ pub struct Options {
     /// Run `kubectl confidential init` (else the user runs it, see
     /// [`Playground::init_args`]).
     pub init: bool,
+    /// What the machines are.
+    pub machines: Machines,
 }
 
 impl Default for Options {
@@ -65,6 +86,7 @@ impl Default for Options {
             max_surge: 1,
             dir: None,
             init: true,
+            machines: Machines::Process,
         }
     }
 }
@@ -159,13 +181,27 @@ impl Playground {
                 files.master_secret.display()
             );
         }
-        // The measurement files as the simulated firmware measures the
-        // images, signed as `kubectl confidential measurements sign` signs.
+        let images = match options.machines {
+            Machines::Process => None,
+            Machines::Vm { .. } => {
+                Some(Arc::new(node_images::NodeImages::new(&dir.join("images"))?))
+            }
+        };
+        // The measurement files, signed as `kubectl confidential measurements
+        // sign` signs: for process machines as their simulated firmware
+        // measures the images, for VMs predicted from the UKIs.
         for (path, image) in [
             (&files.measurements_v1, IMAGE_V1),
             (&files.measurements_v2, IMAGE_V2),
         ] {
-            publisher.write_signed(path, &node_image_file(&NodeImage::new(image)))?;
+            let file = match &images {
+                None => node_image_file(&NodeImage::new(image)),
+                Some(images) => {
+                    let images = images.clone();
+                    tokio::task::spawn_blocking(move || images.measurement_file(image)).await??
+                }
+            };
+            publisher.write_signed(path, &file)?;
         }
         publisher.write_public_key(&files.publisher_key)?;
         write(&files.ek_ca, &ca.issuer_pem()?)?;
@@ -181,6 +217,10 @@ impl Playground {
             gate_url: gate_url.clone(),
             join_endpoint: join_endpoint.clone(),
             ca,
+            machines: match (options.machines, images) {
+                (Machines::Vm { accel }, Some(images)) => host::HostMachines::Vm { accel, images },
+                _ => host::HostMachines::Process,
+            },
         })?;
         let playground = Self {
             client,

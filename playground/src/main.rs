@@ -10,13 +10,31 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use confidential_playground::{IMAGE_V1, IMAGE_V2, Options, Playground};
+use confidential_playground::{IMAGE_V1, IMAGE_V2, Machines, Options, Playground};
+use confidential_testenv::vm::Accel;
+
+/// What the machines are (`--machines`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum MachineKind {
+    /// swtpm-backed processes: the real bootstrapper, a kubelet stand-in.
+    Process,
+    /// QEMU VMs booting the node image UKI under OVMF with a swtpm vTPM.
+    Vm,
+}
 
 /// Local playground: control plane and swtpm-backed machines; the gate, the
 /// operator and the policy installed by `kubectl confidential init`.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    /// What the pool's machines are. `vm`: QEMU VMs booting the node image
+    /// (`cargo xtask node-image`) under OVMF with a swtpm vTPM, on KVM, or
+    /// on QEMU's TCG emulator with CONFIDENTIAL_VM_ACCEL=tcg (20-110 s per
+    /// boot). The default is `process` because on machines like the one this
+    /// was developed on /dev/kvm is PVM (a Firecracker host's kvm_pvm module),
+    /// which runs no firmware, so VMs there need TCG.
+    #[arg(long, value_enum, default_value_t = MachineKind::Process)]
+    machines: MachineKind,
     /// Nodes in the default pool.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=50))]
     nodes: i32,
@@ -62,6 +80,12 @@ async fn main() -> Result<()> {
         max_surge: args.max_surge,
         dir: args.dir.clone(),
         init: !args.no_init,
+        machines: match args.machines {
+            MachineKind::Process => Machines::Process,
+            MachineKind::Vm => Machines::Vm {
+                accel: Accel::from_env()?,
+            },
+        },
     };
     let playground = tokio::select! {
         started = Playground::start(options) => started?,
@@ -89,10 +113,12 @@ async fn main() -> Result<()> {
         drop(playground);
         return Ok(());
     }
-    eprintln!("playground: {} swtpm machines are joining", args.nodes);
-    playground
-        .wait_for_pool(IMAGE_V1, Duration::from_secs(300))
-        .await?;
+    let (kind, join_timeout) = match args.machines {
+        MachineKind::Process => ("swtpm", Duration::from_secs(300)),
+        MachineKind::Vm => ("VM", Duration::from_secs(1800)),
+    };
+    eprintln!("playground: {} {kind} machines are joining", args.nodes);
+    playground.wait_for_pool(IMAGE_V1, join_timeout).await?;
     println!("export KUBECONFIG={kubeconfig}");
     eprintln!(
         "playground: every node attested {IMAGE_V1}. Try:\n  \

@@ -61,6 +61,15 @@ impl ManagedProcess {
         Ok(())
     }
 
+    /// The exit status once the process has exited (`None` while it runs
+    /// or after [`ManagedProcess::stop`] took it).
+    pub fn exit_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -386,6 +386,16 @@ impl Vm {
         self.dir.path()
     }
 
+    /// Process ids of QEMU and of the vTPM (swtpm), while they are owned.
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (self.qemu.pid(), self.swtpm.pid())
+    }
+
+    /// QEMU's exit status once it has exited (`None` while it runs).
+    pub fn exit_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        self.qemu.exit_status()
+    }
+
     /// Time since QEMU was started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()

@@ -81,10 +81,13 @@ echo "node-image: END EVENTLOG"
 
 /// The node's boot after the report. The launch configuration (fw_cfg, set
 /// by whoever starts the VM, so untrusted) is read line by line and only
-/// the four known keys are exported, never sourced as shell: the host
+/// the known keys are exported, never sourced as shell: the host
 /// cannot run code in the measured node through it, and the bootstrapper
 /// validates every value before the node uses it (a bad value stops the
-/// boot). The disks are told apart by their virtio serials: `state` (LUKS2,
+/// boot). `CONFIDENTIAL_NODE_LABELS` (the pool and image identity labels the
+/// operator's machine provider sets) goes to the kubelet's `--node-labels`
+/// as one quoted argument, so it cannot add flags; the gate's admission
+/// refuses a Node whose identity labels differ from its attestation. The disks are told apart by their virtio serials: `state` (LUKS2,
 /// set up by the bootstrapper with the gate's key, mounted at /var/lib) and
 /// `machine` (holds the TPM-wrapped AK, useless elsewhere, and the cluster
 /// ID: what the node needs before it can unlock anything).
@@ -104,7 +107,7 @@ config=/sys/firmware/qemu_fw_cfg/by_name/opt/confidential/node.env/raw
 [ -r "$config" ] || idle "no launch configuration (fw_cfg opt/confidential/node.env); waiting"
 while IFS='=' read -r key value; do
   case "$key" in
-    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS) export "$key=$value";;
+    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS|CONFIDENTIAL_NODE_LABELS) export "$key=$value";;
     *) echo "node-image: ignoring launch configuration key ${key%%[!A-Z_]*}";;
   esac
 done < "$config"
@@ -136,7 +139,7 @@ for image in /usr/share/node-images/*.tar; do
   ctr -n k8s.io images import --all-platforms "$image" > /dev/null || echo "node-image: import $image failed"
 done
 step kubelet
-kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" --node-ip 10.0.2.15 > /var/log/kubelet.log 2>&1 &
+kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" ${CONFIDENTIAL_NODE_LABELS:+"--node-labels=$CONFIDENTIAL_NODE_LABELS"} --node-ip 10.0.2.15 > /var/log/kubelet.log 2>&1 &
 kubelet=$!
 # Only the node's own state goes to the console, which the host reads: no
 # workload output (pod logs stay on the encrypted disk), and the kubelet's

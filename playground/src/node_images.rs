@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
-use confidential_attestation::measurements::{Expected, MeasurementFile, Measurements};
+use confidential_attestation::measurements::MeasurementFile;
 use confidential_attestation::predict::predict_uki_boot;
 use xtask::node_image::{ImageVersion, NodeImageInputs};
 
@@ -106,22 +106,9 @@ impl NodeImages {
         let bytes = std::fs::read(&uki).with_context(|| format!("reading {}", uki.display()))?;
         let prediction = predict_uki_boot(&bytes)
             .with_context(|| format!("predicting the measured boot of {}", uki.display()))?;
-        let values = prediction
-            .pcr_values()
-            .into_iter()
-            .map(|(pcr, expected)| {
-                (
-                    pcr,
-                    Expected {
-                        expected,
-                        warn_only: false,
-                    },
-                )
-            })
-            .collect();
         Ok(MeasurementFile {
             image: image.to_owned(),
-            measurements: Measurements::new(values)?,
+            measurements: prediction.measurements(&BTreeMap::new())?,
         })
     }
 }

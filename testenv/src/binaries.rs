@@ -103,8 +103,19 @@ pub fn kubectl() -> Result<PathBuf> {
     Ok(ensure()?.kubectl)
 }
 
-fn go(dir: &Path) -> Command {
-    let mut cmd = Command::new("go");
+/// `go` in `dir`: the local toolchain, modules resolved as needed.
+pub(crate) fn go(dir: &Path) -> Command {
+    go_command(Command::new("go"), dir)
+}
+
+/// `go` under `nice -n 10`: long builds yield to the machine's other work.
+pub(crate) fn nice_go(dir: &Path) -> Command {
+    let mut nice = Command::new("nice");
+    nice.args(["-n", "10", "go"]);
+    go_command(nice, dir)
+}
+
+fn go_command(mut cmd: Command, dir: &Path) -> Command {
     cmd.current_dir(dir)
         .env("GOTOOLCHAIN", "local")
         .env("GOFLAGS", "-mod=mod")
@@ -112,18 +123,8 @@ fn go(dir: &Path) -> Command {
     cmd
 }
 
-/// `go` under `nice -n 10`: long builds yield to the machine's other work.
-fn nice_go(dir: &Path) -> Command {
-    let mut cmd = Command::new("nice");
-    cmd.args(["-n", "10", "go"])
-        .current_dir(dir)
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "-mod=mod")
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn run(mut cmd: Command, what: &str) -> Result<String> {
+/// Runs a `go` command, its progress on stderr; its stdout on success.
+pub(crate) fn run(mut cmd: Command, what: &str) -> Result<String> {
     let out = cmd.stderr(Stdio::inherit()).output().with_context(|| {
         format!("{what}: could not run `go` (is the Go toolchain installed and on PATH?)")
     })?;

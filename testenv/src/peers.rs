@@ -28,7 +28,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -38,7 +38,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use crate::binaries::cache_dir;
+use crate::binaries::{cache_dir, nice_go, run};
 use crate::controlplane::free_port;
 use crate::install_crds;
 use crate::process::ManagedProcess;
@@ -53,26 +53,6 @@ const TLS_SECRET: &str = "kyverno-svc.kyverno.svc.kyverno-tls-pair";
 /// The webhook configuration Kyverno registers for the resources its
 /// policies match.
 pub const KYVERNO_RESOURCE_WEBHOOK: &str = "kyverno-resource-validating-webhook-cfg";
-
-fn go(dir: &Path) -> Command {
-    let mut cmd = Command::new("nice");
-    cmd.args(["-n", "10", "go"])
-        .current_dir(dir)
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "-mod=mod")
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn run(mut cmd: Command, what: &str) -> Result<String> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| {
-        format!("{what}: could not run `go` (is the Go toolchain installed and on PATH?)")
-    })?;
-    if !out.status.success() {
-        bail!("{what} failed with {}; see the Go output above", out.status);
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{what}: output is not UTF-8"))
-}
 
 /// Where Kyverno is built and cached.
 fn kyverno_cache() -> PathBuf {
@@ -105,7 +85,7 @@ pub fn replace_lines(go_mod: &str) -> Vec<String> {
 pub fn kyverno_source() -> Result<PathBuf> {
     let dir = kyverno_cache();
     std::fs::create_dir_all(&dir)?;
-    let mut download = go(&dir);
+    let mut download = nice_go(&dir);
     download.args([
         "mod",
         "download",
@@ -164,10 +144,10 @@ pub fn ensure_kyverno() -> Result<PathBuf> {
         src.join("tools.go"),
         format!("//go:build tools\n\npackage tools\n\nimport _ \"{KYVERNO_MODULE}/cmd/kyverno\"\n"),
     )?;
-    let mut tidy = go(&src);
+    let mut tidy = nice_go(&src);
     tidy.args(["mod", "tidy"]);
     run(tidy, "go mod tidy for Kyverno")?;
-    let mut build = go(&src);
+    let mut build = nice_go(&src);
     build
         .args(["build", "-ldflags", "-s -w", "-o"])
         .arg(&binary)

@@ -264,6 +264,11 @@ impl Playground {
         let kubectl = confidential_testenv::binaries::kubectl()?;
         let quoted = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         let f = &self.files;
+        let demo = node_images::demo_image()?;
+        let machines = match options.machines {
+            Machines::Process => "process",
+            Machines::Vm { .. } => "vm",
+        };
         let lines = [
             (
                 "KUBECONFIG",
@@ -297,6 +302,12 @@ impl Playground {
             ("PLAYGROUND_IMAGE_V1", IMAGE_V1.to_owned()),
             ("PLAYGROUND_IMAGE_V2", IMAGE_V2.to_owned()),
             ("PLAYGROUND_NODES", options.nodes.to_string()),
+            ("PLAYGROUND_MACHINES", machines.to_owned()),
+            // The demo workload baked into the node images: by digest (what
+            // an Enforce ImagePolicy admits) and by tag (what it refuses).
+            ("PLAYGROUND_DEMO_IMAGE", demo.digest_reference.clone()),
+            ("PLAYGROUND_DEMO_DIGEST", demo.digest.clone()),
+            ("PLAYGROUND_DEMO_IMAGE_TAG", demo.reference.clone()),
             (
                 "PLAYGROUND_INIT_ARGS",
                 self.init_args(options)[1..].join(" "),

@@ -15,6 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::{Context, Result};
 use confidential_attestation::measurements::MeasurementFile;
 use confidential_attestation::predict::predict_uki_boot;
+use xtask::node_image::runtime::BakedImage;
 use xtask::node_image::{ImageVersion, NodeImageInputs};
 
 /// Why an image reference names no buildable node image.
@@ -49,6 +50,14 @@ pub fn image_version(image: &str) -> Result<ImageVersion, ImageRefError> {
             image: image.to_owned(),
             tag: tag.to_owned(),
         })
+}
+
+/// The demo workload image as the node images of this machine bake it:
+/// `digest_reference` (`ghcr.io/kubectl-confidential/demo@sha256:...`) is
+/// what a Pod under an `Enforce` ImagePolicy names, and what the kubelet
+/// finds already present on a VM node.
+pub fn demo_image() -> Result<BakedImage> {
+    xtask::node_image::runtime::system_demo_image().context("building the demo workload image")
 }
 
 /// The UKIs of this playground, built on first use and cached by version.

@@ -245,23 +245,66 @@ pub fn image_with_entrypoint(
     })
 }
 
+/// The names `index.json` gives an image's manifest: what `ctr image
+/// import` names the image in containerd's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexNames {
+    /// `repository:tag` only (the gate's and the operator's images).
+    Tag,
+    /// `repository:tag` and `repository@sha256:<manifest digest>`: a second
+    /// index entry naming the same manifest by digest, so a node that
+    /// imports the archive resolves a digest-pinned reference locally
+    /// (containerd's CRI looks images up by their exact name in the store;
+    /// an import by tag alone leaves no name with the digest).
+    TagAndDigest,
+}
+
 impl Image {
     /// `repository:tag`, the name `ctr image import` gives it.
     pub fn reference(&self) -> String {
         format!("{}:{}", self.meta.repository(), self.meta.tag())
     }
 
-    /// The OCI layout's files (`oci-layout`, `index.json`, blobs), sorted.
+    /// `repository@sha256:<manifest digest>`: the digest-pinned reference
+    /// an ImagePolicy admits.
+    pub fn digest_reference(&self) -> String {
+        format!("{}@{}", self.meta.repository(), self.manifest.digest)
+    }
+
+    /// The image's digest (of its manifest).
+    pub fn digest(&self) -> &str {
+        &self.manifest.digest
+    }
+
+    /// The OCI layout's files (`oci-layout`, `index.json`, blobs), sorted;
+    /// `index.json` names the manifest by its tag.
     pub fn layout_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut descriptor = self.manifest.descriptor(MEDIA_MANIFEST);
-        descriptor["annotations"] = serde_json::json!({
+        self.layout_files_named(IndexNames::Tag)
+    }
+
+    /// The OCI layout's files with `index.json` naming the manifest as
+    /// `names` says.
+    pub fn layout_files_named(&self, names: IndexNames) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut by_tag = self.manifest.descriptor(MEDIA_MANIFEST);
+        by_tag["annotations"] = serde_json::json!({
             "io.containerd.image.name": self.reference(),
             "org.opencontainers.image.ref.name": self.meta.tag(),
         });
+        let mut manifests = vec![by_tag];
+        if names == IndexNames::TagAndDigest {
+            // No `org.opencontainers.image.ref.name`: its grammar has no
+            // digest form, and containerd takes the full name from
+            // `io.containerd.image.name` first.
+            let mut by_digest = self.manifest.descriptor(MEDIA_MANIFEST);
+            by_digest["annotations"] = serde_json::json!({
+                "io.containerd.image.name": self.digest_reference(),
+            });
+            manifests.push(by_digest);
+        }
         let index = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [descriptor],
+            "manifests": manifests,
         }))?;
         let blob = |b: &Blob| {
             (
@@ -284,10 +327,17 @@ impl Image {
         Ok(files)
     }
 
-    /// The layout as one tar archive (sorted, fixed mtimes and owners).
+    /// The layout as one tar archive (sorted, fixed mtimes and owners);
+    /// `index.json` names the manifest by its tag.
     pub fn archive(&self) -> Result<Vec<u8>> {
+        self.archive_named(IndexNames::Tag)
+    }
+
+    /// The layout as one tar archive with `index.json` naming the manifest
+    /// as `names` says.
+    pub fn archive_named(&self, names: IndexNames) -> Result<Vec<u8>> {
         let files: Vec<LayerFile> = self
-            .layout_files()?
+            .layout_files_named(names)?
             .into_iter()
             .map(|(path, contents)| LayerFile {
                 path,

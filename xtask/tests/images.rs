@@ -260,3 +260,38 @@ fn each_image_imports_into_containerd_and_runs_its_binary() -> Result<()> {
     }
     Ok(())
 }
+
+/// The demo workload the node image bakes: one import leaves it in
+/// containerd's store under its tag and under `repository@sha256:<digest>`
+/// (the same manifest), and it runs by the digest name, as a digest-pinned
+/// Pod needs on a node without a registry. (The CRI's lookup of that name
+/// by a real kubelet is proven on a VM node: `e2e/tests/vm_node.rs`.)
+#[test]
+fn the_baked_demo_image_imports_under_its_tag_and_its_digest() -> Result<()> {
+    let demo = xtask::node_image::runtime::system_demo_image()?;
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join(&demo.file_name);
+    std::fs::write(&archive, &demo.archive)?;
+    let containerd = Containerd::start()?;
+    let imported = containerd.ctr_ok(&["image", "import", &archive.display().to_string()])?;
+    let listed = containerd.ctr_ok(&["image", "ls"])?;
+    for name in [&demo.reference, &demo.digest_reference] {
+        let line = listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .with_context(|| format!("{name} not listed after import ({imported}):\n{listed}"))?;
+        assert!(line.contains(&demo.digest), "{name}: {line}");
+    }
+    let id = format!("demo-{}", std::process::id());
+    let ran = containerd.ctr_ok(&[
+        "run",
+        "--rm",
+        &demo.digest_reference,
+        &id,
+        "/bin/busybox",
+        "echo",
+        "by digest",
+    ])?;
+    assert!(ran.contains("by digest"), "{ran}");
+    Ok(())
+}

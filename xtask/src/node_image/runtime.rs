@@ -4,7 +4,10 @@
 //! virtio kernel modules), their configuration, and the two container
 //! images a node needs without any registry (the pause image and a demo
 //! workload, OCI archives imported at boot with `ctr -n k8s.io images
-//! import`).
+//! import`). Each archive's `index.json` names its image twice, by tag and
+//! by digest (`repository@sha256:<manifest digest>`), so the import leaves
+//! both names in containerd's store and the CRI resolves a digest-pinned
+//! Pod image (what an `Enforce` ImagePolicy admits) without any registry.
 //!
 //! The images are baked into the initramfs rather than served by a registry
 //! on this machine: then they are part of the UKI, so PCRs 4, 9 and 11
@@ -22,11 +25,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::images::{ImageMeta, LayerFile};
+use crate::images::{Image, ImageMeta, IndexNames, LayerFile};
 
 /// The pause (sandbox) image every pod's sandbox runs.
 pub const PAUSE_IMAGE: &str = "ghcr.io/kubectl-confidential/pause:v1";
-/// The demo workload: prints [`DEMO_LOG_LINE`] and sleeps.
+/// The demo workload by tag: prints [`DEMO_LOG_LINE`] and sleeps. Its
+/// digest depends on the build machine's busybox: [`demo_image`] computes
+/// it, as the node image bakes it.
 pub const DEMO_IMAGE: &str = "ghcr.io/kubectl-confidential/demo:v1";
 /// What the demo workload prints first.
 pub const DEMO_LOG_LINE: &str = "demo workload running on a confidential node";
@@ -305,27 +310,72 @@ fn node_image_meta(name: &str) -> ImageMeta {
     }
 }
 
-/// The pause and demo images as OCI archives: `(file name, archive)`.
-pub fn container_images(busybox: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
-    let files = busybox_layer(busybox);
-    let pause = crate::images::image_with_entrypoint(
+/// A container image baked into the node image.
+#[derive(Clone, Debug)]
+pub struct BakedImage {
+    /// Its file name under [`IMAGES_DIR`].
+    pub file_name: String,
+    /// `repository:tag`.
+    pub reference: String,
+    /// `repository@sha256:<manifest digest>`.
+    pub digest_reference: String,
+    /// `sha256:<manifest digest>`.
+    pub digest: String,
+    /// The OCI archive `ctr images import` reads: its index names the image
+    /// by tag and by digest.
+    pub archive: Vec<u8>,
+}
+
+impl BakedImage {
+    fn new(file_name: &str, image: &Image) -> Result<Self> {
+        Ok(Self {
+            file_name: file_name.to_owned(),
+            reference: image.reference(),
+            digest_reference: image.digest_reference(),
+            digest: image.digest().to_owned(),
+            archive: image.archive_named(IndexNames::TagAndDigest)?,
+        })
+    }
+}
+
+fn pause_image(busybox: &[u8]) -> Result<BakedImage> {
+    let image = crate::images::image_with_entrypoint(
         &node_image_meta("pause"),
-        &files,
+        &busybox_layer(busybox),
         &["/bin/busybox", "sleep", "2147483647"],
     )?;
+    debug_assert_eq!(image.reference(), PAUSE_IMAGE);
+    BakedImage::new("pause.tar", &image)
+}
+
+/// The demo workload image as the node image bakes it with `busybox`.
+pub fn demo_image(busybox: &[u8]) -> Result<BakedImage> {
     let demo_script =
         format!("echo \"{DEMO_LOG_LINE}\"; while true; do /bin/busybox sleep 3600; done");
-    let demo = crate::images::image_with_entrypoint(
+    let image = crate::images::image_with_entrypoint(
         &node_image_meta("demo"),
-        &files,
+        &busybox_layer(busybox),
         &["/bin/busybox", "sh", "-c", demo_script.as_str()],
     )?;
-    debug_assert_eq!(pause.reference(), PAUSE_IMAGE);
-    debug_assert_eq!(demo.reference(), DEMO_IMAGE);
-    Ok(vec![
-        ("demo.tar".to_owned(), demo.archive()?),
-        ("pause.tar".to_owned(), pause.archive()?),
-    ])
+    debug_assert_eq!(image.reference(), DEMO_IMAGE);
+    BakedImage::new("demo.tar", &image)
+}
+
+/// The demo workload image the node images of this machine bake (from its
+/// busybox, [`super::BUSYBOX`]): what a Pod pins by digest.
+pub fn system_demo_image() -> Result<BakedImage> {
+    let busybox = std::fs::read(super::BUSYBOX).with_context(|| {
+        format!(
+            "reading {} (busybox-static; scripts/install-deps installs it)",
+            super::BUSYBOX
+        )
+    })?;
+    demo_image(&busybox)
+}
+
+/// The pause and demo images, sorted by file name.
+pub fn container_images(busybox: &[u8]) -> Result<Vec<BakedImage>> {
+    Ok(vec![demo_image(busybox)?, pause_image(busybox)?])
 }
 
 /// Every file the runtime adds besides the binaries: configuration, the
@@ -365,8 +415,12 @@ pub fn files(runtime: &NodeRuntime, busybox: &[u8]) -> Result<Vec<RuntimeFile>> 
     for (name, bytes) in modules {
         out.push((format!("lib/modules/{name}.ko"), 0o644, bytes));
     }
-    for (name, archive) in container_images(busybox)? {
-        out.push((format!("{IMAGES_DIR}/{name}"), 0o644, archive));
+    for image in container_images(busybox)? {
+        out.push((
+            format!("{IMAGES_DIR}/{}", image.file_name),
+            0o644,
+            image.archive,
+        ));
     }
     Ok(out)
 }
@@ -428,12 +482,77 @@ mod tests {
     #[test]
     fn baked_images_have_the_names_the_configuration_uses() {
         let images = container_images(b"not really busybox").expect("images");
-        let names: Vec<&str> = images.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = images.iter().map(|i| i.file_name.as_str()).collect();
         assert_eq!(names, ["demo.tar", "pause.tar"]);
+        assert_eq!(images[0].reference, DEMO_IMAGE);
+        assert_eq!(images[1].reference, PAUSE_IMAGE);
         assert!(containerd_config().contains(PAUSE_IMAGE));
-        for (_, archive) in &images {
-            let text = String::from_utf8_lossy(archive);
-            assert!(text.contains("io.containerd.image.name"));
+    }
+
+    /// The index of each archive names the same manifest by tag and by
+    /// digest: what `ctr images import` turns into two names in the store.
+    #[test]
+    fn each_baked_archive_names_its_manifest_by_tag_and_by_digest() {
+        for image in container_images(b"not really busybox").expect("images") {
+            let mut archive = tar::Archive::new(image.archive.as_slice());
+            let mut index = None;
+            let mut manifest_blob = false;
+            let blob_path = format!(
+                "blobs/sha256/{}",
+                image.digest.trim_start_matches("sha256:")
+            );
+            for entry in archive.entries().expect("entries") {
+                let mut entry = entry.expect("entry");
+                let path = entry.path().expect("path").display().to_string();
+                if path == "index.json" {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut entry, &mut text).expect("read");
+                    index = Some(serde_json::from_str::<serde_json::Value>(&text).expect("json"));
+                }
+                manifest_blob |= path == blob_path;
+            }
+            assert!(manifest_blob, "{} carries its manifest", image.file_name);
+            let index = index.expect("index.json");
+            let entries = index["manifests"].as_array().expect("manifests");
+            let named: Vec<(&str, &str)> = entries
+                .iter()
+                .map(|m| {
+                    (
+                        m["annotations"]["io.containerd.image.name"]
+                            .as_str()
+                            .expect("name"),
+                        m["digest"].as_str().expect("digest"),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                named,
+                [
+                    (image.reference.as_str(), image.digest.as_str()),
+                    (image.digest_reference.as_str(), image.digest.as_str()),
+                ]
+            );
+            let (repository, tag) = image.reference.rsplit_once(':').expect("tag");
+            assert_eq!(tag, "v1");
+            assert_eq!(
+                image.digest_reference,
+                format!("{repository}@{}", image.digest)
+            );
         }
+    }
+
+    #[test]
+    fn the_demo_digest_follows_the_busybox_it_is_built_from() {
+        let a = demo_image(b"one busybox").expect("demo");
+        let b = demo_image(b"one busybox").expect("demo");
+        let c = demo_image(b"another busybox").expect("demo");
+        assert_eq!(a.digest, b.digest, "reproducible");
+        assert_eq!(a.archive, b.archive, "reproducible");
+        assert_ne!(a.digest, c.digest);
+        assert!(
+            a.digest.len() == 71 && a.digest.starts_with("sha256:"),
+            "{}",
+            a.digest
+        );
     }
 }

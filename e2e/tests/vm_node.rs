@@ -5,7 +5,9 @@
 //! up LUKS2 on a virtio disk (formats only when `cryptsetup isLuks` says "not
 //! LUKS"), mounts it at /var/lib, starts containerd and the kubelet, which
 //! does TLS bootstrap; the operator's approver approves; the Node becomes
-//! Ready and runs a pod from the image baked into the UKI.
+//! Ready and runs a pod from the image baked into the UKI, referenced by
+//! digest (`repository@sha256:...`, what an `Enforce` ImagePolicy admits;
+//! the admission side is proven on the operator's VMs in `vm_roll.rs`).
 //!
 //! Each test boots as few VMs as its claim needs, one at a time (TCG takes a
 //! core per VM). `CONFIDENTIAL_VM_ACCEL=tcg` on machines whose KVM cannot run
@@ -20,7 +22,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use vm_node_env::*;
-use xtask::node_image::runtime::{DEMO_IMAGE, DEMO_LOG_LINE};
+use xtask::node_image::runtime::{DEMO_LOG_LINE, system_demo_image};
 
 fn node_ready(node: &Node) -> bool {
     node.status
@@ -76,13 +78,18 @@ async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
     assert_eq!(att.spec.image, IMAGE);
     assert_eq!(att.spec.disk_uuid.as_deref(), Some(uuid.as_str()));
 
-    // A pod from the image baked into the UKI runs on it.
+    // A pod from the image baked into the UKI runs on it, the image named
+    // by its digest as the node-image code computed it: the CRI resolves
+    // that name from what the node imported, with no registry. The default
+    // pull policy of a digest reference (IfNotPresent) would try a pull if
+    // it did not.
+    let demo = system_demo_image()?;
     let pods = Api::<Pod>::namespaced(env.cluster.client.clone(), "default");
     let pod: Pod = serde_json::from_value(json!({
         "metadata": { "name": "demo" },
         "spec": {
             "nodeName": name,
-            "containers": [{ "name": "demo", "image": DEMO_IMAGE, "imagePullPolicy": "Never" }],
+            "containers": [{ "name": "demo", "image": demo.digest_reference }],
             "automountServiceAccountToken": false,
             "dnsPolicy": "Default",
             "enableServiceLinks": false,
@@ -140,6 +147,10 @@ async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
         status.started == Some(true) && status.restart_count == 0,
         "{status:?}"
     );
+    assert!(
+        status.image_id.ends_with(&demo.digest),
+        "the container runs the manifest of that digest: {status:?}"
+    );
     let events =
         Api::<k8s_openapi::api::core::v1::Event>::namespaced(env.cluster.client.clone(), "default")
             .list(&kube::api::ListParams::default().fields("involvedObject.name=demo"))
@@ -149,9 +160,10 @@ async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
             .items
             .iter()
             .any(|e| e.reason.as_deref() == Some("Pulled")
-                && e.message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("already present on machine"))),
+                && e.message.as_deref().is_some_and(|m| m.contains(&format!(
+                    "\"{}\" already present on machine",
+                    demo.digest_reference
+                )))),
         "{:?}",
         events.items.iter().map(|e| &e.message).collect::<Vec<_>>()
     );

@@ -19,8 +19,9 @@ use anyhow::Result;
 use confidential_playground::{IMAGE_V1, IMAGE_V2};
 use confidential_testenv::vm::Accel;
 use roll::{
-    DEMO_NAMESPACE, RollWatch, WatchSpec, attested_pool_nodes, deploy_demo, join_timeout,
-    leftovers, qemu_provider, vm_playground, wait_demo_pods, wait_machines_running,
+    DEMO_NAMESPACE, RollWatch, WatchSpec, attested_pool_nodes, create_tag_only_demo_pod,
+    demo_containers_run_the_pinned_image, demo_image, deploy_demo, join_timeout, leftovers,
+    qemu_provider, vm_playground, wait_demo_pods, wait_machines_running,
 };
 
 /// VM machines in the pool: two, as in the issue (both replaced, three VMs
@@ -56,10 +57,24 @@ async fn a_vm_pool_rolls_to_v2_and_no_donor_goes_before_its_heir_is_attested() -
         "every node is one of the provider's machines"
     );
 
-    // Real containers of the image baked into the node image, under a PDB.
+    // Real containers of the image baked into the node image, under a PDB,
+    // pinned by digest under an Enforce ImagePolicy: the kubelet finds the
+    // digest reference on the node.
     deploy_demo(&client).await?;
     let on = wait_demo_pods(&client, 2, join_timeout(accel)).await?;
     assert!(on.iter().all(|n| v1_nodes.contains(n)), "{on:?}");
+    assert_eq!(demo_containers_run_the_pinned_image(&client).await?, 2);
+    // The same image by tag only is refused in that namespace by the gate.
+    let refusal = create_tag_only_demo_pod(&client).await?;
+    let demo = demo_image()?;
+    assert!(
+        refusal.message.contains("denied the request")
+            && refusal.message.contains(&format!(
+                "image {:?} is not pinned by digest",
+                demo.reference
+            )),
+        "{refusal:?}"
+    );
 
     let watch = RollWatch::start(
         client.clone(),
@@ -87,6 +102,7 @@ async fn a_vm_pool_rolls_to_v2_and_no_donor_goes_before_its_heir_is_attested() -
     .await?;
     // The pods were evicted (never deleted past the PDB) and run on the heirs.
     let on = wait_demo_pods(&client, 2, join_timeout(accel)).await?;
+    assert_eq!(demo_containers_run_the_pinned_image(&client).await?, 2);
     let record = watch.finish().await?;
     eprintln!("roll: {record:?}");
     assert!(

@@ -294,22 +294,27 @@ pub async fn attested_pool_nodes(client: &kube::Client, image: &str) -> Result<B
 /// Namespace of the demo workload.
 pub const DEMO_NAMESPACE: &str = "demo";
 
-/// A Deployment of 2 replicas of the demo image baked into the node image
-/// (real containers, `imagePullPolicy: Never`: no registry), a
-/// PodDisruptionBudget `minAvailable: 1`, and an ImagePolicy covering the
-/// namespace in `Warn` mode: the baked image is imported by tag only
-/// (`ctr images import` without `--digests`), so a digest-pinned reference
-/// would not resolve on the node, and `Enforce` refuses tag references.
+/// The demo image as the node images bake it (its digest computed by the
+/// node-image code from this machine's busybox).
+pub fn demo_image() -> Result<xtask::node_image::runtime::BakedImage> {
+    confidential_playground::node_images::demo_image()
+}
+
+/// A Deployment of 2 replicas of the demo image baked into the node image,
+/// referenced by digest (real containers; the default pull policy of a
+/// digest reference, `IfNotPresent`, finds it on the node: no registry), a
+/// PodDisruptionBudget `minAvailable: 1`, and an `Enforce` ImagePolicy
+/// covering the namespace that allows exactly that digest.
 pub async fn deploy_demo(client: &kube::Client) -> Result<()> {
     use kube::api::{DynamicObject, Patch, PatchParams};
     use kube::discovery::ApiResource;
-    let demo_image = xtask::node_image::runtime::DEMO_IMAGE;
+    let demo = demo_image()?;
     let objects = [
         serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}}),
         serde_json::json!({
             "apiVersion": "confidential.dev/v1alpha1", "kind": "ImagePolicy",
             "metadata": {"name": DEMO_NAMESPACE},
-            "spec": {"mode": "Warn", "namespaces": [DEMO_NAMESPACE]}
+            "spec": {"mode": "Enforce", "namespaces": [DEMO_NAMESPACE], "allowedDigests": [demo.digest]}
         }),
         serde_json::json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -321,7 +326,7 @@ pub async fn deploy_demo(client: &kube::Client) -> Result<()> {
                     "metadata": {"labels": {"app": "demo"}},
                     "spec": {
                         "terminationGracePeriodSeconds": 5,
-                        "containers": [{"name": "demo", "image": demo_image, "imagePullPolicy": "Never"}]
+                        "containers": [{"name": "demo", "image": demo.digest_reference}]
                     }
                 }
             }
@@ -367,6 +372,77 @@ pub async fn deploy_demo(client: &kube::Client) -> Result<()> {
         .with_context(|| format!("applying {} {}", types.kind, object.name_any()))?;
     }
     Ok(())
+}
+
+/// Tries to create a Pod of the demo image by its tag only in the demo
+/// namespace; returns the API server's refusal (the gate's admission under
+/// the `Enforce` ImagePolicy). Fails if the Pod was admitted.
+pub async fn create_tag_only_demo_pod(client: &kube::Client) -> Result<kube::core::Status> {
+    use kube::api::PostParams;
+    let demo = demo_image()?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "demo-by-tag"},
+        "spec": {"containers": [{"name": "demo", "image": demo.reference}]}
+    }))?;
+    match pods.create(&PostParams::default(), &pod).await {
+        Ok(_) => bail!("a Pod naming {} by tag was admitted", demo.reference),
+        Err(kube::Error::Api(refusal)) => {
+            if pods.get_opt("demo-by-tag").await?.is_some() {
+                bail!("refused ({refusal:?}) yet the Pod exists");
+            }
+            Ok(*refusal)
+        }
+        Err(other) => Err(other).context("creating the tag-only Pod"),
+    }
+}
+
+/// Checks that each Running demo pod's container started from the demo
+/// image's manifest (its image ID names the digest) and that the kubelet
+/// found that digest reference already present on the node.
+pub async fn demo_containers_run_the_pinned_image(client: &kube::Client) -> Result<usize> {
+    use k8s_openapi::api::core::v1::Event;
+    let demo = demo_image()?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
+    let events: Api<Event> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
+    let mut checked = 0;
+    for pod in pods.list(&ListParams::default()).await?.items {
+        let name = pod.name_any();
+        if pod.metadata.deletion_timestamp.is_some()
+            || pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running")
+        {
+            continue;
+        }
+        let status = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next())
+            .with_context(|| format!("pod {name} has no container status"))?;
+        if status.started != Some(true) || !status.image_id.ends_with(&demo.digest) {
+            bail!(
+                "pod {name}: container not started from {}: {status:?}",
+                demo.digest
+            );
+        }
+        let present = format!("\"{}\" already present on machine", demo.digest_reference);
+        let pulled = events
+            .list(
+                &ListParams::default().fields(&format!("involvedObject.name={name},reason=Pulled")),
+            )
+            .await?;
+        if !pulled
+            .items
+            .iter()
+            .any(|e| e.message.as_deref().is_some_and(|m| m.contains(&present)))
+        {
+            bail!(
+                "pod {name}: no event says {present}: {:?}",
+                pulled.items.iter().map(|e| &e.message).collect::<Vec<_>>()
+            );
+        }
+        checked += 1;
+    }
+    Ok(checked)
 }
 
 /// Waits until `count` demo pods are Running and Ready; returns their nodes.

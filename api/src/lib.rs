@@ -7,6 +7,7 @@
 
 pub mod conditions;
 pub mod duration;
+pub mod endpoint;
 pub mod keys;
 mod resources;
 

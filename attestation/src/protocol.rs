@@ -29,6 +29,12 @@ pub struct JoinRequest {
     /// NodeVersion (pool) the node boots for; the gate's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// `host:port` where the cluster reaches this node's `/v1/attest`
+    /// (e.g. a host port forwarded into a VM); recorded in the
+    /// NodeAttestation. Absent: the Node's InternalIP and the gate's
+    /// `--reattest-port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_endpoint: Option<String>,
     pub evidence: EvidenceEnvelope,
 }
 

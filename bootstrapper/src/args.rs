@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Parser, ValueEnum};
+use confidential_api::endpoint::{Endpoint, EndpointError};
 use thiserror::Error;
 
 /// Boot agent of a confidential node: attest to the cluster's gate over
@@ -98,6 +99,20 @@ pub struct Args {
     /// After joining, serve `/v1/attest` over aTLS on this address.
     #[arg(long, env = "CONFIDENTIAL_ATTEST_LISTEN")]
     pub attest_listen: Option<SocketAddr>,
+    /// With --attest-listen: the `host:port` the cluster reaches that
+    /// endpoint at when it is not the Node's InternalIP (e.g. a host port
+    /// forwarded into a VM). Announced at join and recorded in the
+    /// NodeAttestation, where the gate's re-attestation and `kubectl
+    /// confidential verify` dial it. Only a hint: whoever answers there must
+    /// quote with this node's attested key.
+    #[arg(long, env = "CONFIDENTIAL_ATTEST_ENDPOINT", requires = "attest_listen")]
+    pub attest_advertise: Option<Endpoint>,
+    /// Write the one-line join result here once the node joined, its disk is
+    /// unlocked and the kubelet's credentials are in place, before serving
+    /// --attest-listen (which does not return): the signal a boot script
+    /// waits for to go on.
+    #[arg(long, env = "CONFIDENTIAL_JOINED_FILE")]
+    pub joined_file: Option<PathBuf>,
     /// When no gate can be reached after --max-attempts rounds (the control
     /// plane is gone), serve the recovery endpoint over aTLS on this address
     /// and wait for `kubectl confidential recover` instead of exiting. Only
@@ -202,6 +217,8 @@ pub struct Config {
     pub kubelet: KubeletStart,
     pub max_attempts: u32,
     pub attest_listen: Option<SocketAddr>,
+    pub attest_advertise: Option<Endpoint>,
+    pub joined_file: Option<PathBuf>,
     /// Where to serve recovery when the gate cannot be reached.
     pub recovery_listen: Option<SocketAddr>,
     pub cluster_id_state: PathBuf,
@@ -210,8 +227,8 @@ pub struct Config {
 /// A flag combination or value the bootstrapper refuses.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("--endpoint {0:?} is not host:port")]
-    Endpoint(String),
+    #[error("--endpoint {0}")]
+    Endpoint(EndpointError),
     #[error("--node-name {0:?} is not a valid node name (lowercase RFC 1123 subdomain)")]
     NodeName(String),
     #[error("--disk-uuid {0:?} is not a UUID (8-4-4-4-12 hex digits)")]
@@ -241,9 +258,7 @@ impl Args {
     /// Validates the flags into a [`Config`]; nothing is touched yet.
     pub fn validate(self) -> Result<Config, ConfigError> {
         for e in &self.endpoints {
-            if !valid_endpoint(e) {
-                return Err(ConfigError::Endpoint(e.clone()));
-            }
+            e.parse::<Endpoint>().map_err(ConfigError::Endpoint)?;
         }
         if !confidential_api::keys::is_valid_node_name(&self.node_name) {
             return Err(ConfigError::NodeName(self.node_name));
@@ -311,17 +326,11 @@ impl Args {
             kubelet,
             max_attempts: self.max_attempts,
             attest_listen: self.attest_listen,
+            attest_advertise: self.attest_advertise,
+            joined_file: self.joined_file,
             recovery_listen: self.recovery_listen,
             cluster_id_state,
         })
-    }
-}
-
-/// `host:port` with a numeric port (IPv6 hosts in brackets).
-fn valid_endpoint(e: &str) -> bool {
-    match e.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-        None => false,
     }
 }
 
@@ -408,7 +417,21 @@ mod tests {
     fn bad_values_are_refused_one_by_one() {
         for (extra, expected) in [
             (&["--endpoint", "no-port"][..], "is not host:port"),
-            (&["--endpoint", "host:0"][..], "is not host:port"),
+            (&["--endpoint", "host:0"][..], "the port must be"),
+            (&["--endpoint", "user@host:1"][..], "the host must be"),
+            (
+                &["--attest-advertise", "127.0.0.1:9444"][..],
+                "--attest-listen <ATTEST_LISTEN>",
+            ),
+            (
+                &[
+                    "--attest-listen",
+                    "0.0.0.0:9444",
+                    "--attest-advertise",
+                    "127.0.0.1",
+                ][..],
+                "is not host:port",
+            ),
             (&["--node-name", "Node_A"][..], "not a valid node name"),
             (&["--node-name=-a"][..], "not a valid node name"),
             (&["--disk-uuid", "../../etc"][..], "not a UUID"),
@@ -457,6 +480,17 @@ mod tests {
                 device: "/dev/vdb".into(),
                 mount: None
             }
+        );
+        let c = parse(&[
+            "--attest-listen",
+            "0.0.0.0:9444",
+            "--attest-advertise",
+            "127.0.0.1:40001",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.attest_advertise.map(|e| e.to_string()).as_deref(),
+            Some("127.0.0.1:40001")
         );
         let c = parse(&["--kubelet-bootstrap-kubeconfig", "/k"]).expect("valid");
         assert_eq!(c.kubelet, KubeletStart::BootstrapKubeconfig("/k".into()));

@@ -53,7 +53,7 @@ impl EvidenceSource {
                 Ok(Self::Tpm {
                     issuer,
                     tcti: tcti.clone(),
-                    pcrs: pcrs.clone(),
+                    pcrs: quoted_pcrs(pcrs, *cluster_id_pcr),
                     cluster_id_pcr: *cluster_id_pcr,
                 })
             }
@@ -130,6 +130,16 @@ impl EvidenceSource {
     }
 }
 
+/// The PCRs every quote covers: `--pcrs` and the cluster-ID PCR, so a
+/// verifier (`kubectl confidential verify`, the gate) always sees which
+/// cluster the node joined, whatever the policy pins. Sorted, once each.
+fn quoted_pcrs(pcrs: &[u32], cluster_id_pcr: u32) -> Vec<u32> {
+    let mut all: Vec<u32> = pcrs.iter().copied().chain([cluster_id_pcr]).collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 fn read_vcek(path: &Path) -> Result<Vec<u8>> {
     let der =
         std::fs::read(path).with_context(|| format!("reading --snp-vcek {}", path.display()))?;
@@ -150,7 +160,15 @@ mod tests {
     use confidential_attestation::snp::{SnpError, SnpTrust, Tcb, verify_report};
     use confidential_attestation::verify::{Refusal, TrustPolicy, verify_evidence};
 
+    use super::quoted_pcrs;
     use crate::join::join_request;
+
+    #[test]
+    fn every_quote_covers_the_cluster_id_pcr() {
+        assert_eq!(quoted_pcrs(&[0, 4, 13], 15), [0, 4, 13, 15]);
+        assert_eq!(quoted_pcrs(&[15, 4], 15), [4, 15], "once, sorted");
+        assert_eq!(quoted_pcrs(&[], 23), [23]);
+    }
 
     const SNP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../attestation/testdata/snp");
 

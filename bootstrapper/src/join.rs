@@ -105,6 +105,7 @@ pub fn join_request(config: &Config, evidence: EvidenceEnvelope) -> JoinRequest 
         node_name: config.node_name.clone(),
         disk_uuid: config.disk_uuid.clone(),
         pool: config.pool.clone(),
+        attestation_endpoint: config.attest_advertise.as_ref().map(|e| e.to_string()),
         evidence,
     }
 }
@@ -319,6 +320,8 @@ pub(crate) mod tests {
             kubelet: KubeletStart::Kubeadm,
             max_attempts: 1,
             attest_listen: None,
+            attest_advertise: None,
+            joined_file: None,
             recovery_listen: None,
             cluster_id_state: "/nonexistent/cluster-id".into(),
         }

@@ -145,6 +145,9 @@ async fn run(config: Config) -> Result<()> {
     if let KubeletStart::BootstrapKubeconfig(path) = &config.kubelet {
         check_parent("--kubelet-bootstrap-kubeconfig", path)?;
     }
+    if let Some(path) = &config.joined_file {
+        check_parent("--joined-file", path)?;
+    }
     if config.recovery_listen.is_some() {
         check_parent("--cluster-id-state", &config.cluster_id_state)?;
     }
@@ -214,10 +217,13 @@ async fn run(config: Config) -> Result<()> {
             kubelet::Kubeadm::default().join(bootstrap, &config.node_name)?;
         }
     }
-    println!(
-        "{}",
-        serde_json::json!({ verb: config.node_name, "clusterId": hex::encode(cluster_id) })
-    );
+    let result =
+        serde_json::json!({ verb: config.node_name, "clusterId": hex::encode(cluster_id) });
+    println!("{result}");
+    if let Some(path) = &config.joined_file {
+        std::fs::write(path, format!("{result}\n"))
+            .with_context(|| format!("writing --joined-file {}", path.display()))?;
+    }
     if let Some(listen) = config.attest_listen {
         attest_server::serve(listen, source, config.node_name.clone()).await?;
     }

@@ -89,6 +89,7 @@ async fn join_once(
         node_name: name.to_owned(),
         disk_uuid: "00000000-0000-4000-8000-00000000beef".into(),
         pool: None,
+        attestation_endpoint: None,
         evidence: EvidenceEnvelope::new(Evidence::Tpm(evidence)),
     };
     let t = Instant::now();

@@ -177,6 +177,40 @@ async fn quote_replayed_from_another_connection_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// The attestation endpoint a node announces is recorded for every later
+/// reader (re-attestation, `verify`): anything but one canonical `host:port`
+/// is a bad request, refused before the evidence is even looked at, and
+/// nothing is written. The quotes here are genuine and bound to their
+/// connection, so only the endpoint is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_attestation_endpoint_is_refused_and_changes_nothing() -> Result<()> {
+    let env = Env::start().await?;
+    let before = env.snapshot().await?;
+    let node = env.boot(&unique_name("node"))?;
+    let issuer = TpmIssuer::open(&node.swtpm.tcti()).await?;
+    for endpoint in [
+        "10.0.0.1",
+        "user@10.0.0.1:9444",
+        "10.0.0.1:9444,10.0.0.2:9444",
+        "0x7f000001:9444",
+        "node.example:9444/v1/attest",
+    ] {
+        let mut client = AtlsClient::connect(&env.addr, atls::client_config(None)?).await?;
+        let evidence = issuer
+            .quote(client.nonce(PURPOSE_JOIN), vec![IMAGE_PCR])
+            .await?;
+        let mut request = join_request(&node.name, evidence);
+        request.attestation_endpoint = Some(endpoint.to_owned());
+        let (status, body) = client
+            .post(PATH_JOIN, serde_json::to_vec(&request)?)
+            .await?;
+        expect_refusal(status.as_u16(), &body, 400, "bad-attestation-endpoint")
+            .with_context(|| endpoint.to_owned())?;
+    }
+    assert_eq!(env.snapshot().await?, before);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evidence_relayed_through_a_man_in_the_middle_is_refused() -> Result<()> {
     let env = Env::start().await?;
@@ -395,9 +429,20 @@ async fn joined_node_attests_over_atls_and_rejoins_with_the_same_disk_key() -> R
         .local_addr()?
         .port();
     let attest_addr = format!("127.0.0.1:{attest_port}");
+    let joined_file = node.dir().join("joined");
     let mut serving = node.spawn_bootstrapper(
         std::slice::from_ref(&env.addr),
-        &["--pcrs", "4,15", "--attest-listen", &attest_addr],
+        &[
+            "--pcrs",
+            "4,15",
+            "--attest-listen",
+            &attest_addr,
+            // Announced at join: where the cluster reaches this endpoint.
+            "--attest-advertise",
+            &format!("localhost:{attest_port}"),
+            "--joined-file",
+            &joined_file.display().to_string(),
+        ],
     )?;
     // Server-attests mode: the node answers with evidence bound to *our*
     // connection.
@@ -422,6 +467,15 @@ async fn joined_node_attests_over_atls_and_rejoins_with_the_same_disk_key() -> R
     .await?;
     let (resp, nonce) = answer;
     assert_eq!(resp.node_name, name);
+    // The joined file was written before serving, and the announced
+    // endpoint is recorded for re-attestation and `verify`.
+    let joined: serde_json::Value = serde_json::from_slice(&std::fs::read(&joined_file)?)?;
+    assert_eq!(joined["joined"], name.as_str());
+    let recorded = Api::<NodeAttestation>::all(env.client()).get(&name).await?;
+    assert_eq!(
+        recorded.spec.attestation_endpoint,
+        Some(format!("localhost:{attest_port}"))
+    );
     let Evidence::Tpm(ev) = resp.evidence.evidence else {
         bail!("expected TPM evidence");
     };
@@ -493,6 +547,7 @@ async fn snp_report_with_bad_signature_or_low_tcb_is_refused() -> Result<()> {
                 node_name: unique_name("snp-node"),
                 disk_uuid: "5e1f0000-0000-4000-8000-000000000002".into(),
                 pool: None,
+                attestation_endpoint: None,
                 evidence: EvidenceEnvelope::new(Evidence::SevSnp(evidence)),
             };
             let (status, body) = client

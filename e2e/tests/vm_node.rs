@@ -17,7 +17,7 @@ mod vm_node_env;
 
 use anyhow::{Context, Result};
 use confidential_api::NodeAttestation;
-use confidential_testenv::eventually;
+use confidential_testenv::{eventually, workspace_binary};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -299,6 +299,131 @@ async fn a_vm_booted_from_a_tampered_uki_is_refused_with_the_pcr_named() -> Resu
     assert!(nodes.get_opt(&name).await?.is_none(), "no Node");
     let atts = Api::<NodeAttestation>::all(env.cluster.client.clone());
     assert!(atts.get_opt(&name).await?.is_none(), "no NodeAttestation");
+    Ok(())
+}
+
+/// After joining, the node keeps serving `/v1/attest` (aTLS) inside the VM;
+/// the one host port forwarded into the guest is announced at join and
+/// recorded in the NodeAttestation, where the gate's re-attestation dials
+/// it (a fresh quote with the recorded AK sets `lastVerified`), and where
+/// the admin's `kubectl confidential verify` asks the node from outside:
+/// passes against the local trusted measurements, fails for another
+/// cluster ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_node_is_reattested_and_verified_through_its_forwarded_endpoint() -> Result<()> {
+    let _one = ONE_VM_AT_A_TIME.lock().await;
+    let env = NodeEnv::start().await?;
+    let name = node_name();
+    let uuid = disk_uuid();
+    let disks = env.disks("v")?;
+    let tpm = env.dir.path().join("tpm-v");
+    let vm = env.boot(&env.uki, &name, &uuid, &disks, &tpm)?;
+    let endpoint = vm
+        .attest_endpoint()
+        .context("forwarded endpoint")?
+        .to_owned();
+    let (vm, _) = NodeEnv::console(vm, "node-image: step kubelet", patience(env.accel, 180))
+        .await
+        .with_context(|| format!("gate log:\n{}", env.gate_log()))?;
+    // The bootstrapper's one-line result: {"joined":NAME,"clusterId":HEX}.
+    let cluster_id = vm
+        .console()
+        .lines()
+        .find_map(|line| {
+            let result: serde_json::Value =
+                serde_json::from_str(&line[line.find("{\"joined\"")?..]).ok()?;
+            result["clusterId"].as_str().map(str::to_owned)
+        })
+        .context("the joined line names the cluster ID")?;
+
+    let atts = Api::<NodeAttestation>::all(env.cluster.client.clone());
+    let att = atts.get(&name).await?;
+    assert_eq!(
+        att.spec.attestation_endpoint.as_deref(),
+        Some(endpoint.as_str()),
+        "the endpoint the node announced is recorded"
+    );
+    let reattested = eventually(
+        "the gate to re-attest the VM node",
+        patience(env.accel, 240),
+        || {
+            let atts = atts.clone();
+            let name = name.clone();
+            async move {
+                let status = atts.get(&name).await?.status.unwrap_or_default();
+                let verified = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Verified" && c.status == "True");
+                Ok(status.last_verified.filter(|_| verified))
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("gate log:\n{}\nconsole:\n{}", env.gate_log(), vm.console()))?;
+    assert!(
+        reattested.0 > att.spec.attested_at.0,
+        "verified after the join"
+    );
+
+    // The admin verifies the node from outside (the Node must exist).
+    eventually("the Node to register", patience(env.accel, 180), || {
+        let exists = env.node_exists(&name);
+        async move { Ok(exists.await?.then_some(())) }
+    })
+    .await?;
+    let ek_ca = env.dir.path().join("ek-ca.pem");
+    std::fs::write(&ek_ca, env.ca.issuer_pem()?)?;
+    let plugin = workspace_binary(
+        "kubectl-confidential",
+        "kubectl-confidential",
+        "KUBECTL_CONFIDENTIAL_BIN",
+    )?;
+    let kubeconfig = &env
+        .cluster
+        .control_plane
+        .as_ref()
+        .context("control plane")?
+        .kubeconfig;
+    let verify = |cluster_id: String| {
+        let mut cmd = std::process::Command::new(&plugin);
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "verify",
+                "--node",
+                &name,
+                "-o",
+                "json",
+                "--node-timeout",
+                "120",
+            ])
+            .arg("--measurements")
+            .arg(&env.measurements)
+            .arg("--publisher-key")
+            .arg(&env.publisher_key)
+            .arg("--ek-ca")
+            .arg(&ek_ca)
+            .args(["--cluster-id", &cluster_id]);
+        tokio::task::spawn_blocking(move || cmd.output())
+    };
+    let passed = verify(cluster_id.clone()).await??;
+    let report = String::from_utf8_lossy(&passed.stdout);
+    assert!(
+        passed.status.success(),
+        "verify failed:\n{report}\n{}",
+        String::from_utf8_lossy(&passed.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&passed.stdout)?;
+    assert_eq!(report[0]["endpoint"], endpoint.as_str(), "{report}");
+    assert_eq!(report[0]["verdict"], "Trusted", "{report}");
+
+    let failed = verify("00".repeat(32)).await??;
+    assert!(!failed.status.success(), "another cluster ID passed");
+    let report: serde_json::Value = serde_json::from_slice(&failed.stdout)?;
+    assert_eq!(report[0]["verdict"], "Untrusted", "{report}");
+    assert_eq!(report[0]["clusterIdPcr"]["matches"], false, "{report}");
+    vm.stop();
     Ok(())
 }
 

@@ -100,6 +100,12 @@ pub const GUEST_IP: &str = "10.0.2.15";
 /// QEMU user networking's gateway (the default route; `restrict=on` drops
 /// everything sent to it that no forward names).
 pub const GUEST_GATEWAY: &str = "10.0.2.2";
+/// The port the node image's bootstrapper serves `/v1/attest` on inside the
+/// guest (aTLS; the gate's re-attestation and `kubectl confidential verify`).
+pub const GUEST_ATTEST_PORT: u16 = 9444;
+/// The launch configuration key announcing where the cluster reaches the
+/// node's attestation endpoint (the bootstrapper's `--attest-advertise`).
+pub const ENV_ATTEST_ENDPOINT: &str = "CONFIDENTIAL_ATTEST_ENDPOINT";
 /// The fw_cfg item the node's launch configuration is passed in (an env
 /// file; the guest reads it from `/sys/firmware/qemu_fw_cfg/by_name/`).
 pub const NODE_CONFIG_FW_CFG: &str = "opt/confidential/node.env";
@@ -176,6 +182,12 @@ pub struct VmOptions {
     /// as untrusted input (the gate is authenticated by its pin, and a wrong
     /// value only makes the join fail).
     pub node_config: Option<String>,
+    /// Forward a free port of the host's loopback to the guest's
+    /// attestation endpoint ([`GUEST_ATTEST_PORT`]) and announce it to the
+    /// node ([`ENV_ATTEST_ENDPOINT`] appended to `node_config`), so the
+    /// gate can re-attest the node and `verify` can ask it. The only way
+    /// into the guest; it reaches nothing but that aTLS endpoint.
+    pub attest_forward: bool,
 }
 
 impl Default for VmOptions {
@@ -186,18 +198,25 @@ impl Default for VmOptions {
             disks: Vec::new(),
             tpm_state: None,
             node_config: None,
+            attest_forward: false,
         }
     }
 }
 
 /// The `-netdev` value: user networking, `restrict=on`, one `guestfwd` per
-/// forward (pure, so the rule set is testable).
-pub fn netdev_arg(forwards: &[GuestForward]) -> String {
+/// forward, and with `attest_host_port` the one `hostfwd` into the guest, to
+/// its attestation endpoint (pure, so the rule set is testable).
+pub fn netdev_arg(forwards: &[GuestForward], attest_host_port: Option<u16>) -> String {
     let mut arg = String::from("user,id=net0,restrict=on");
     for f in forwards {
         arg.push_str(&format!(
             ",guestfwd=tcp:{GUEST_HOST_IP}:{}-cmd:busybox nc 127.0.0.1 {}",
             f.guest_port, f.host_port
+        ));
+    }
+    if let Some(port) = attest_host_port {
+        arg.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{port}-{GUEST_IP}:{GUEST_ATTEST_PORT}"
         ));
     }
     arg
@@ -216,6 +235,7 @@ pub struct Vm {
     dir: TempDir,
     console: PathBuf,
     started: Instant,
+    attest_endpoint: Option<String>,
 }
 
 fn wait_for_path(path: &Path, process: &mut ManagedProcess, timeout: Duration) -> Result<()> {
@@ -310,7 +330,18 @@ impl Vm {
                     disk.serial
                 ));
         }
-        if let Some(config) = &options.node_config {
+        let attest_host_port = match options.attest_forward {
+            true => Some(crate::controlplane::free_port()?),
+            false => None,
+        };
+        let attest_endpoint = attest_host_port.map(|port| format!("127.0.0.1:{port}"));
+        let node_config = match (&options.node_config, &attest_endpoint) {
+            (Some(config), Some(endpoint)) => {
+                Some(format!("{config}{ENV_ATTEST_ENDPOINT}={endpoint}\n"))
+            }
+            (config, _) => config.clone(),
+        };
+        if let Some(config) = &node_config {
             let file = d.join("node.env");
             std::fs::write(&file, config).context("writing the node configuration")?;
             qemu_cmd
@@ -321,7 +352,7 @@ impl Vm {
             // User-mode networking with no route out (restrict=on) but the
             // forwards asked for; no option ROM, so nothing but firmware
             // code runs before the UKI.
-            .args(["-netdev", &netdev_arg(&options.forwards)])
+            .args(["-netdev", &netdev_arg(&options.forwards, attest_host_port)])
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
             .arg("-serial")
             .arg(format!("file:{}", console.display()));
@@ -334,7 +365,14 @@ impl Vm {
             dir,
             console,
             started,
+            attest_endpoint,
         })
+    }
+
+    /// Where the host reaches the node's attestation endpoint
+    /// (`127.0.0.1:<port>`), when booted with `attest_forward`.
+    pub fn attest_endpoint(&self) -> Option<&str> {
+        self.attest_endpoint.as_deref()
     }
 
     /// The serial console so far.
@@ -427,17 +465,20 @@ mod tests {
 
     #[test]
     fn the_guest_reaches_only_the_forwarded_ports_and_nothing_else() {
-        assert_eq!(netdev_arg(&[]), "user,id=net0,restrict=on");
-        let arg = netdev_arg(&[
-            GuestForward {
-                guest_port: 6443,
-                host_port: 40001,
-            },
-            GuestForward {
-                guest_port: 9443,
-                host_port: 40002,
-            },
-        ]);
+        assert_eq!(netdev_arg(&[], None), "user,id=net0,restrict=on");
+        let arg = netdev_arg(
+            &[
+                GuestForward {
+                    guest_port: 6443,
+                    host_port: 40001,
+                },
+                GuestForward {
+                    guest_port: 9443,
+                    host_port: 40002,
+                },
+            ],
+            None,
+        );
         assert_eq!(
             arg,
             "user,id=net0,restrict=on,\
@@ -445,5 +486,10 @@ mod tests {
              guestfwd=tcp:10.0.2.100:9443-cmd:busybox nc 127.0.0.1 40002"
         );
         assert!(!arg.contains("hostfwd"), "nothing listens into the guest");
+        assert_eq!(
+            netdev_arg(&[], Some(40003)),
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40003-10.0.2.15:9444",
+            "the one way in: the host's loopback to the guest's attestation endpoint"
+        );
     }
 }

@@ -405,6 +405,7 @@ pub fn join_request_for_disk(node_name: &str, disk: &str, evidence: TpmEvidence)
         node_name: node_name.to_owned(),
         disk_uuid: disk.to_owned(),
         pool: None,
+        attestation_endpoint: None,
         evidence: EvidenceEnvelope::new(Evidence::Tpm(evidence)),
     }
 }

@@ -101,6 +101,10 @@ pub struct NodeEnv {
     pub ca: SwtpmCa,
     pub uki: PathBuf,
     pub gate_pin: String,
+    /// The admin's local trust inputs for `kubectl confidential verify`:
+    /// the signed measurement file and the publisher key (under `dir`).
+    pub measurements: PathBuf,
+    pub publisher_key: PathBuf,
     pub forwards: Vec<GuestForward>,
     pub accel: Accel,
     pub dir: tempfile::TempDir,
@@ -170,6 +174,10 @@ impl NodeEnv {
 
         // The gate, as the binary runs in a cluster.
         let d = dir.path();
+        let measurements = d.join("measurements.json");
+        publisher.write_signed(&measurements, &file)?;
+        let publisher_key = d.join("publisher.pub");
+        publisher.write_public_key(&publisher_key)?;
         let master = d.join("master.json");
         std::fs::write(
             &master,
@@ -217,7 +225,11 @@ impl NodeEnv {
                 d.join("cluster-ca.crt").display()
             ))
             .arg(format!("--join-policy={policy}"))
-            .arg(format!("--join-default-pool={pool}"));
+            .arg(format!("--join-default-pool={pool}"))
+            // Re-attestation dials each VM through its forwarded endpoint;
+            // often, so a suite sees it, with room for TCG's slow guests.
+            .arg("--reattest-period=15s")
+            .arg("--reattest-timeout=60s");
         let mut gate = ManagedProcess::spawn("confidential-webhook", cmd, &d.join("gate.log"))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", join_port)).is_err() {
@@ -239,6 +251,8 @@ impl NodeEnv {
             ca,
             uki,
             gate_pin,
+            measurements,
+            publisher_key,
             forwards: vec![
                 GuestForward {
                     guest_port: GUEST_GATE_PORT,
@@ -286,6 +300,7 @@ impl NodeEnv {
             disks: disks.to_vec(),
             tpm_state: Some(tpm_state.to_owned()),
             node_config: Some(self.node_config(node, disk_uuid)),
+            attest_forward: true,
         };
         Vm::boot_with(&self.ca, uki, self.accel, &options)
     }

@@ -67,8 +67,9 @@ pub struct VerifyArgs {
     /// The cluster ID (64 hex digits) instead of --cluster-file.
     #[arg(long, value_name = "HEX")]
     cluster_id: Option<String>,
-    /// Port of the nodes' attestation endpoint (unless a Node carries the
-    /// confidential.dev/attest-endpoint annotation).
+    /// Port of the nodes' attestation endpoint (unless the node announced
+    /// its endpoint at join or carries the confidential.dev/attest-endpoint
+    /// annotation).
     #[arg(long, default_value_t = DEFAULT_ATTEST_PORT)]
     attest_port: u16,
     /// Seconds to wait for one node's answer.
@@ -95,8 +96,15 @@ fn load_trust(args: &VerifyArgs) -> Result<Trust> {
     args.trust.load(cluster_id)
 }
 
-/// Where a Node's attestation endpoint listens.
-fn endpoint_of(node: &Node, port: u16) -> Option<String> {
+/// Where a Node's attestation endpoint listens: the endpoint the node
+/// announced at join (recorded by the gate in its NodeAttestation), else the
+/// Node's `confidential.dev/attest-endpoint` annotation, else its InternalIP
+/// (or ExternalIP) and `port`. Only where to ask: the answer must still
+/// quote with the AK the gate recorded.
+fn endpoint_of(node: &Node, record: Option<&NodeAttestation>, port: u16) -> Option<String> {
+    if let Some(recorded) = record.and_then(|r| r.spec.attestation_endpoint.clone()) {
+        return Some(recorded);
+    }
     if let Some(endpoint) = node
         .metadata
         .annotations
@@ -232,11 +240,13 @@ async fn targets(
         .iter()
         .map(|node| {
             let name = node.metadata.name.clone().unwrap_or_default();
-            let recorded = records
-                .iter()
-                .find(|r| r.spec.node_name == name)
-                .map(|r| r.spec.ak_fingerprint.clone());
-            (name, endpoint_of(node, args.attest_port), recorded)
+            let record = records.iter().find(|r| r.spec.node_name == name);
+            let endpoint = endpoint_of(node, record, args.attest_port);
+            (
+                name,
+                endpoint,
+                record.map(|r| r.spec.ak_fingerprint.clone()),
+            )
         })
         .collect())
 }

@@ -231,6 +231,9 @@ fn start_vm(
             VmDisk::machine(&dir.join("machine.raw"))?,
         ],
         node_config: Some(launch.node_env(request, &disk_uuid)?),
+        // The gate re-attests the node (and `verify` asks it) through the
+        // one host port forwarded into the VM, announced at join.
+        attest_forward: true,
         ..VmOptions::default()
     };
     Vm::boot_with(ca, &uki, accel, &options)

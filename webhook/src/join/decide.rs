@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use confidential_api::endpoint::Endpoint;
 use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
 use confidential_attestation::evidence::EvidenceKind;
 use confidential_attestation::protocol::JoinRequest;
@@ -43,6 +44,8 @@ pub enum Reason {
     BodyTooLarge,
     BadNodeName,
     BadDiskUuid,
+    /// The announced attestation endpoint is not `host:port`.
+    BadAttestationEndpoint,
     /// The gate's caches have not synced or a watch is failing.
     NotReady,
     NoPolicy,
@@ -71,6 +74,7 @@ impl Reason {
             Reason::BodyTooLarge => "body-too-large",
             Reason::BadNodeName => "bad-node-name",
             Reason::BadDiskUuid => "bad-disk-uuid",
+            Reason::BadAttestationEndpoint => "bad-attestation-endpoint",
             Reason::NotReady => "not-ready",
             Reason::NoPolicy => "no-policy",
             Reason::PolicyInvalid => "policy-invalid",
@@ -91,9 +95,10 @@ impl Reason {
     /// The HTTP status of the answer.
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::MalformedRequest | Reason::BadNodeName | Reason::BadDiskUuid => {
-                StatusCode::BAD_REQUEST
-            }
+            Reason::MalformedRequest
+            | Reason::BadNodeName
+            | Reason::BadDiskUuid
+            | Reason::BadAttestationEndpoint => StatusCode::BAD_REQUEST,
             Reason::NotReady
             | Reason::NoPolicy
             | Reason::PolicyInvalid
@@ -146,6 +151,9 @@ pub struct JoinPlan {
     /// The state disk whose key the node gets: the one recorded at its
     /// first join, lower-case.
     pub disk_uuid: String,
+    /// Where the node serves `/v1/attest`, as it announced it (canonical
+    /// form); `None`: re-attestation dials the Node's InternalIP.
+    pub attestation_endpoint: Option<String>,
     pub record: Record,
 }
 
@@ -245,6 +253,18 @@ pub fn decide(inputs: &Inputs<'_>) -> Result<Accepted, Refusal> {
             format!("{:?} is not a disk UUID", request.disk_uuid),
         )
     })?;
+    // Only a hint for re-attestation and `verify` (whoever answers there
+    // must quote with the AK recorded here), but recorded for every later
+    // reader: one canonical `host:port` or nothing.
+    let attestation_endpoint = request
+        .attestation_endpoint
+        .as_deref()
+        .map(|e| {
+            e.parse::<Endpoint>()
+                .map(|e| e.to_string())
+                .map_err(|e| Refusal::new(Reason::BadAttestationEndpoint, e.to_string()))
+        })
+        .transpose()?;
     let policy = inputs.policy.ok_or_else(|| {
         Refusal::new(
             Reason::NoPolicy,
@@ -337,6 +357,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Result<Accepted, Refusal> {
             pool: inputs.pool_name.to_owned(),
             valid_for: reattestation_interval(policy),
             disk_uuid,
+            attestation_endpoint,
             record,
         },
         verdict,

@@ -79,6 +79,7 @@ pub fn request(name: &str, disk: &str) -> JoinRequest {
         node_name: name.to_owned(),
         disk_uuid: disk.to_owned(),
         pool: None,
+        attestation_endpoint: None,
         evidence: EvidenceEnvelope::new(Evidence::Tpm(evidence())),
     }
 }
@@ -173,11 +174,71 @@ fn a_trusted_machine_joins_under_a_free_name() {
             pool: "workers".into(),
             valid_for: Duration::from_secs(7200),
             disk_uuid: DISK.into(),
+            attestation_endpoint: None,
             record: Record::Create,
         }
     );
     assert_eq!(accepted.verdict.identity, fixture_identity());
     assert_eq!(accepted.verdict.kind, EvidenceKind::Tpm);
+}
+
+#[test]
+fn an_announced_attestation_endpoint_is_recorded_in_canonical_form() {
+    let mut case = Case::new();
+    case.request.attestation_endpoint = Some("[2001:db8:0::1]:40001".into());
+    assert_eq!(
+        case.decide()
+            .expect("accepted")
+            .plan
+            .attestation_endpoint
+            .as_deref(),
+        Some("[2001:db8::1]:40001")
+    );
+    case.mode = Mode::Rejoin;
+    case.existing = Some(attestation(
+        "node-1",
+        &fixture_identity(),
+        Some(DISK),
+        Some("7"),
+    ));
+    case.request.attestation_endpoint = Some("127.0.0.1:40002".into());
+    assert_eq!(
+        case.decide()
+            .expect("rejoin")
+            .plan
+            .attestation_endpoint
+            .as_deref(),
+        Some("127.0.0.1:40002"),
+        "a rebooted machine may be reached elsewhere now"
+    );
+}
+
+#[test]
+fn a_malformed_attestation_endpoint_is_a_bad_request_before_any_verification() {
+    for endpoint in [
+        "",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        "host:9444/path",
+        "user@10.0.0.1:9444",
+        "0x7f000001:9444",
+        "[::1%lo]:9444",
+        "10.0.0.1:9444,10.0.0.2:9444",
+    ] {
+        let mut case = Case::new();
+        case.request.attestation_endpoint = Some(endpoint.to_owned());
+        // No policy: a refusal for the endpoint shows it was checked first.
+        case.policy = None;
+        assert_eq!(
+            case.refused(),
+            Reason::BadAttestationEndpoint,
+            "{endpoint:?}"
+        );
+    }
+    assert_eq!(
+        Reason::BadAttestationEndpoint.status(),
+        StatusCode::BAD_REQUEST
+    );
 }
 
 #[test]

@@ -51,7 +51,7 @@ pub fn attestation_object(
                 .collect::<BTreeMap<_, _>>(),
             ak_fingerprint: verdict.identity.clone(),
             disk_uuid: Some(plan.disk_uuid.clone()),
-            attestation_endpoint: None,
+            attestation_endpoint: plan.attestation_endpoint.clone(),
             attested_at: Time(now),
             expires_at: Time(expires),
             verdict: ApiVerdict::Trusted,
@@ -153,6 +153,7 @@ mod tests {
             pool: "workers".into(),
             valid_for: std::time::Duration::from_secs(60),
             disk_uuid: "d".into(),
+            attestation_endpoint: None,
             record,
         }
     }

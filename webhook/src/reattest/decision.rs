@@ -67,7 +67,12 @@ pub fn endpoint(att: &NodeAttestation, node: Option<&Node>, port: u16) -> Result
         .as_deref()
         .filter(|e| !e.is_empty())
     {
-        return Ok(recorded.to_owned());
+        // Recorded by the gate in canonical form; anything else was written
+        // by someone else and is not dialled.
+        return recorded
+            .parse::<confidential_api::endpoint::Endpoint>()
+            .map(|e| e.to_string())
+            .map_err(|e| Failure::NoEndpoint(format!("the recorded attestation endpoint {e}")));
     }
     let node = node.ok_or_else(|| {
         Failure::NoEndpoint(format!(
@@ -385,6 +390,15 @@ mod tests {
             endpoint(&a, Some(&node), 7443).expect("recorded"),
             "192.0.2.1:9000"
         );
+        for written_by_someone_else in ["192.0.2.1:9000,10.0.0.1:1", "user@host:1", "host"] {
+            a.spec.attestation_endpoint = Some(written_by_someone_else.into());
+            let err = endpoint(&a, Some(&node), 7443).expect_err(written_by_someone_else);
+            assert_eq!(err.reason(), "NoEndpoint");
+            assert!(
+                err.to_string().contains("recorded attestation endpoint"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -107,7 +107,7 @@ config=/sys/firmware/qemu_fw_cfg/by_name/opt/confidential/node.env/raw
 [ -r "$config" ] || idle "no launch configuration (fw_cfg opt/confidential/node.env); waiting"
 while IFS='=' read -r key value; do
   case "$key" in
-    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS|CONFIDENTIAL_NODE_LABELS) export "$key=$value";;
+    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS|CONFIDENTIAL_NODE_LABELS|CONFIDENTIAL_ATTEST_ENDPOINT) export "$key=$value";;
     *) echo "node-image: ignoring launch configuration key ${key%%[!A-Z_]*}";;
   esac
 done < "$config"
@@ -121,12 +121,16 @@ done
 [ -n "$state" ] && [ -n "$machine" ] || idle "no state or machine disk attached; waiting"
 mount -t ext4 "$machine" /machine || idle "cannot mount the machine disk $machine; waiting"
 step join
-# Through a pipe: the console is a terminal, and the logs are read as plain text.
-{ confidential-bootstrapper --tcti device:/dev/tpmrm0 --pcrs 0,1,2,3,4,5,6,7,8,9,10,11,12,13 --state-device "$state" --state-mount /var/lib --ak-state /machine/ak.blob --cluster-id-state /machine/cluster-id --kubelet-bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig; echo $? > /run/bootstrapper.rc; } 2>&1 | cat
-rc=$(cat /run/bootstrapper.rc)
+# Through a pipe: the console is a terminal, and the logs are read as plain
+# text. After the join the bootstrapper keeps serving /v1/attest on port 9444
+# (the gate re-attests the node there; `kubectl confidential verify` asks
+# there), so the boot goes on when it wrote the joined file, not when it exits.
+{ confidential-bootstrapper --tcti device:/dev/tpmrm0 --pcrs 0,1,2,3,4,5,6,7,8,9,10,11,12,13 --state-device "$state" --state-mount /var/lib --ak-state /machine/ak.blob --cluster-id-state /machine/cluster-id --kubelet-bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --attest-listen 0.0.0.0:9444 --joined-file /run/bootstrapper.joined; echo "node-image: bootstrapper failed exit=$?"; } 2>&1 | cat &
+bootstrapper=$!
+while [ ! -e /run/bootstrapper.joined ] && kill -0 $bootstrapper 2>/dev/null; do usleep 200000; done
 # The AK state and the cluster ID must survive a power cut from here on.
 sync
-[ $rc -eq 0 ] || idle "bootstrapper failed exit=$rc; the node stays down"
+[ -e /run/bootstrapper.joined ] || { wait $bootstrapper; idle "bootstrapper failed; the node stays down"; }
 boots=$(( $(cat /var/lib/node-boots 2>/dev/null || echo 0) + 1 ))
 echo $boots > /var/lib/node-boots
 sync

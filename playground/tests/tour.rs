@@ -86,10 +86,15 @@ fn the_readme_tour_runs_end_to_end_and_leaves_nothing_running() -> Result<()> {
 /// `scripts/tour --machines vm` with one node (each VM takes about a minute
 /// under TCG): the machines are VMs the operator's QEMU provider started,
 /// the demo pods are real containers started from the image the node image
-/// carries, found by its digest reference, and the roll replaced the VM.
+/// carries, found by its digest reference, the roll replaced the VM, and
+/// `verify --all-nodes` reached the VM node both times.
 #[test]
 fn the_readme_tour_runs_on_vm_nodes() -> Result<()> {
-    let (_, stderr) = run_tour(&[("TOUR_MACHINES", "vm"), ("TOUR_NODES", "1")])?;
+    let (stdout, stderr) = run_tour(&[("TOUR_MACHINES", "vm"), ("TOUR_NODES", "1")])?;
+    // Both verifies reached the VM node (at the endpoint it announced).
+    let output = format!("{stdout}\n{stderr}");
+    assert_eq!(output.matches("1/1 nodes trusted").count(), 2, "{output}");
+    assert!(!output.contains("NOT RUN on VM nodes"), "{output}");
     for shown in [
         "VM machines (",
         "already present on machine",

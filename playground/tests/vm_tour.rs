@@ -1,4 +1,4 @@
-//! The README's tour on VM nodes: `scripts/tour --machines vm` end to end
+//! The README's tour on VM nodes (its default): `scripts/tour --machines vm` end to end
 //! (QEMU VMs from the operator's QEMU provider, real kubelet, containerd and
 //! runc). The script fails on any step that does not do what the README
 //! shows, including a demo container that did not start from the

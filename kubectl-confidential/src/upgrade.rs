@@ -104,14 +104,19 @@ pub async fn run(client: &Client, args: &UpgradeArgs) -> Result<()> {
         let status = current.status.clone().unwrap_or_default();
         let observed = status.observed_generation >= generation;
         let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t).cloned();
-        let line = format!(
-            "{}/{} up to date, {} outdated, {} heirs, {} pending",
-            status.up_to_date_count,
-            current.spec.replicas,
-            status.outdated_count,
-            status.heirs.len(),
-            status.pending.len()
-        );
+        // Counts from before the operator saw this change describe the old
+        // target: not shown as progress.
+        let line = match observed {
+            true => format!(
+                "{}/{} up to date, {} outdated, {} heirs, {} pending",
+                status.up_to_date_count,
+                current.spec.replicas,
+                status.outdated_count,
+                status.heirs.len(),
+                status.pending.len()
+            ),
+            false => "waiting for the node operator to take up the change".to_owned(),
+        };
         if line != last {
             eprintln!("{line}");
             last = line;

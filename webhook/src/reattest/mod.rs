@@ -322,34 +322,65 @@ impl Reattester {
 
     /// Writes `decision`, each write conditional on the resourceVersion the
     /// sweep read (a concurrent writer makes it fail with 409).
+    ///
+    /// Spec and status are two writes, ordered so that no reader sees a
+    /// state the decision does not explain: a renewal moves `expiresAt`
+    /// before recording the success; a revocation records why and when
+    /// (status) before it flips the verdict, so a `Revoked` attestation
+    /// always carries its reason, and a gate that stops between the two
+    /// writes leaves a `Trusted` attestation the next sweep decides again.
     async fn record(&self, att: &NodeAttestation, decision: &Decision) -> Result<(), kube::Error> {
         let api = Api::<NodeAttestation>::all(self.client.clone());
         let name = att.metadata.name.as_deref().unwrap_or(&att.spec.node_name);
-        let spec_patch = match decision {
-            Decision::Renew { expires_at, .. } => Some(json!({ "expiresAt": expires_at })),
-            Decision::Revoke { .. } => Some(json!({ "verdict": Verdict::Revoked })),
-            Decision::RecordFailure { .. } => None,
-        };
-        let mut current = att.clone();
-        if let Some(spec) = spec_patch {
-            current = api
-                .patch(
-                    name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({
-                        "metadata": { "resourceVersion": att.metadata.resource_version },
-                        "spec": spec,
-                    })),
-                )
-                .await?;
-        }
-        current.status = Some(match decision {
+        let status = match decision {
             Decision::Renew { status, .. }
             | Decision::RecordFailure { status }
             | Decision::Revoke { status } => status.clone(),
-        });
-        api.replace_status(name, &PostParams::default(), &current)
-            .await?;
+        };
+        let patch_spec = |resource_version: Option<String>, spec: serde_json::Value| {
+            let api = api.clone();
+            async move {
+                api.patch(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({
+                        "metadata": { "resourceVersion": resource_version },
+                        "spec": spec,
+                    })),
+                )
+                .await
+            }
+        };
+        match decision {
+            Decision::Renew { expires_at, .. } => {
+                let mut current = patch_spec(
+                    att.metadata.resource_version.clone(),
+                    json!({ "expiresAt": expires_at }),
+                )
+                .await?;
+                current.status = Some(status);
+                api.replace_status(name, &PostParams::default(), &current)
+                    .await?;
+            }
+            Decision::RecordFailure { .. } => {
+                let mut current = att.clone();
+                current.status = Some(status);
+                api.replace_status(name, &PostParams::default(), &current)
+                    .await?;
+            }
+            Decision::Revoke { .. } => {
+                let mut current = att.clone();
+                current.status = Some(status);
+                let recorded = api
+                    .replace_status(name, &PostParams::default(), &current)
+                    .await?;
+                patch_spec(
+                    recorded.metadata.resource_version,
+                    json!({ "verdict": Verdict::Revoked }),
+                )
+                .await?;
+            }
+        }
         Ok(())
     }
 

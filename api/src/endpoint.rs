@@ -13,11 +13,12 @@
 //! gives the same endpoint.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::NodeAttestation;
 use crate::keys::is_valid_node_name;
 
 /// The host part of an [`Endpoint`].
@@ -94,6 +95,30 @@ fn is_numeric_label(label: &str) -> bool {
     digits.is_some() || label.bytes().all(|b| b.is_ascii_digit())
 }
 
+impl Endpoint {
+    /// `ip:port` (an IPv6 address in brackets).
+    pub fn from_ip(ip: IpAddr, port: u16) -> Self {
+        let host = match ip {
+            IpAddr::V4(v4) => Host::V4(v4),
+            IpAddr::V6(v6) => Host::V6(v6),
+        };
+        Endpoint { host, port }
+    }
+
+    /// The endpoint recorded in `attestation` (`spec.attestationEndpoint`,
+    /// written by the gate in canonical form), parsed as every reader must
+    /// read it: `None` when none is recorded, an error for a value someone
+    /// else wrote, which is never dialled.
+    pub fn recorded(attestation: &NodeAttestation) -> Option<Result<Self, EndpointError>> {
+        attestation
+            .spec
+            .attestation_endpoint
+            .as_deref()
+            .filter(|e| !e.is_empty())
+            .map(str::parse)
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.host {
@@ -123,6 +148,33 @@ mod tests {
             assert_eq!(endpoint.to_string(), rendered);
             assert_eq!(rendered.parse::<Endpoint>(), Ok(endpoint), "{given}");
         }
+    }
+
+    #[test]
+    fn addresses_render_as_endpoints_and_only_a_recorded_value_is_read() {
+        let v6: IpAddr = "fd00::7".parse().expect("ip");
+        assert_eq!(Endpoint::from_ip(v6, 9444).to_string(), "[fd00::7]:9444");
+        let v4: IpAddr = "10.0.0.7".parse().expect("ip");
+        assert_eq!(Endpoint::from_ip(v4, 9444).to_string(), "10.0.0.7:9444");
+        let mut att: NodeAttestation = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "n" },
+            "spec": {
+                "nodeName": "n", "evidenceKind": "Tpm", "image": "i",
+                "akFingerprint": "ab", "attestedAt": "2026-01-01T00:00:00Z",
+                "expiresAt": "2026-01-02T00:00:00Z", "verdict": "Trusted"
+            }
+        }))
+        .expect("attestation");
+        assert_eq!(Endpoint::recorded(&att), None);
+        att.spec.attestation_endpoint = Some(String::new());
+        assert_eq!(Endpoint::recorded(&att), None, "empty is none recorded");
+        att.spec.attestation_endpoint = Some("user@host:1".into());
+        assert!(matches!(Endpoint::recorded(&att), Some(Err(_))));
+        att.spec.attestation_endpoint = Some("127.0.0.1:40001".into());
+        assert_eq!(
+            Endpoint::recorded(&att).map(|e| e.map(|e| e.to_string())),
+            Some(Ok("127.0.0.1:40001".to_owned()))
+        );
     }
 
     #[test]

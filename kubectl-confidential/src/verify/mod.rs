@@ -13,12 +13,14 @@ pub(crate) mod check;
 pub(crate) mod render;
 pub mod trust;
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use confidential_api::NodeAttestation;
+use confidential_api::endpoint::Endpoint;
 use confidential_attestation::atls::{self, AtlsClient, PURPOSE_NODE_ATTEST};
 use confidential_attestation::protocol::{AttestResponse, PATH_ATTEST};
 use futures::StreamExt;
@@ -97,13 +99,17 @@ fn load_trust(args: &VerifyArgs) -> Result<Trust> {
 }
 
 /// Where a Node's attestation endpoint listens: the endpoint the node
-/// announced at join (recorded by the gate in its NodeAttestation), else the
-/// Node's `confidential.dev/attest-endpoint` annotation, else its InternalIP
-/// (or ExternalIP) and `port`. Only where to ask: the answer must still
-/// quote with the AK the gate recorded.
-fn endpoint_of(node: &Node, record: Option<&NodeAttestation>, port: u16) -> Option<String> {
-    if let Some(recorded) = record.and_then(|r| r.spec.attestation_endpoint.clone()) {
-        return Some(recorded);
+/// announced at join (recorded by the gate in its NodeAttestation, read as
+/// the gate's re-attestation reads it: a value that is not one canonical
+/// `host:port` is not dialled), else the Node's
+/// `confidential.dev/attest-endpoint` annotation, else its InternalIP (or
+/// ExternalIP) and `port`. Only where to ask: the answer must still quote
+/// with the AK the gate recorded.
+fn endpoint_of(node: &Node, record: Option<&NodeAttestation>, port: u16) -> Result<String, String> {
+    if let Some(recorded) = record.and_then(Endpoint::recorded) {
+        return recorded
+            .map(|e| e.to_string())
+            .map_err(|e| format!("the recorded attestation endpoint {e}"));
     }
     if let Some(endpoint) = node
         .metadata
@@ -111,18 +117,27 @@ fn endpoint_of(node: &Node, record: Option<&NodeAttestation>, port: u16) -> Opti
         .as_ref()
         .and_then(|a| a.get(ANNOTATION_ATTEST_ENDPOINT))
     {
-        return Some(endpoint.clone());
+        return Ok(endpoint.clone());
     }
-    let addresses = node.status.as_ref()?.addresses.as_ref()?;
-    let address = addresses
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    ["InternalIP", "ExternalIP"]
         .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .or_else(|| addresses.iter().find(|a| a.type_ == "ExternalIP"))?;
-    Some(if address.address.contains(':') {
-        format!("[{}]:{port}", address.address)
-    } else {
-        format!("{}:{port}", address.address)
-    })
+        .find_map(|kind| {
+            addresses
+                .iter()
+                .filter(|a| a.type_ == *kind)
+                .find_map(|a| a.address.parse::<IpAddr>().ok())
+        })
+        .map(|ip| Endpoint::from_ip(ip, port).to_string())
+        .ok_or_else(|| {
+            "the Node has no InternalIP address and no \
+             confidential.dev/attest-endpoint annotation"
+                .to_owned()
+        })
 }
 
 /// Asks one node for evidence on a connection of our own.
@@ -163,10 +178,8 @@ pub async fn run(connection: &ConnectionArgs, args: &VerifyArgs) -> Result<()> {
             let trust = trust.clone();
             async move {
                 let answer = match &endpoint {
-                    Some(endpoint) => attest(endpoint, timeout).await,
-                    None => Err("the Node has no InternalIP address and no \
-                                 confidential.dev/attest-endpoint annotation"
-                        .to_owned()),
+                    Ok(endpoint) => attest(endpoint, timeout).await,
+                    Err(why) => Err(why.clone()),
                 };
                 let answer = NodeAnswer {
                     node,
@@ -206,7 +219,7 @@ pub async fn run(connection: &ConnectionArgs, args: &VerifyArgs) -> Result<()> {
 async fn targets(
     cluster: &Cluster,
     args: &VerifyArgs,
-) -> Result<Vec<(String, Option<String>, Option<String>)>> {
+) -> Result<Vec<(String, Result<String, String>, Option<String>)>> {
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let selected: Vec<Node> = if args.all_nodes {
         nodes

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use confidential_api::conditions::{condition, set_condition};
+use confidential_api::endpoint::Endpoint;
 use confidential_api::{NodeAttestation, NodeAttestationStatus, Verdict};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Node;
@@ -61,16 +62,8 @@ pub fn is_due(att: &NodeAttestation, now: Timestamp, min_age: Duration) -> bool 
 /// Where the node's `/v1/attest` is served: the endpoint recorded at join
 /// when there is one, else the Node's first `InternalIP` and `port`.
 pub fn endpoint(att: &NodeAttestation, node: Option<&Node>, port: u16) -> Result<String, Failure> {
-    if let Some(recorded) = att
-        .spec
-        .attestation_endpoint
-        .as_deref()
-        .filter(|e| !e.is_empty())
-    {
-        // Recorded by the gate in canonical form; anything else was written
-        // by someone else and is not dialled.
+    if let Some(recorded) = Endpoint::recorded(att) {
         return recorded
-            .parse::<confidential_api::endpoint::Endpoint>()
             .map(|e| e.to_string())
             .map_err(|e| Failure::NoEndpoint(format!("the recorded attestation endpoint {e}")));
     }
@@ -94,10 +87,7 @@ pub fn endpoint(att: &NodeAttestation, node: Option<&Node>, port: u16) -> Result
                 att.spec.node_name
             ))
         })?;
-    Ok(match ip {
-        IpAddr::V4(v4) => format!("{v4}:{port}"),
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-    })
+    Ok(Endpoint::from_ip(ip, port).to_string())
 }
 
 /// The decision for `outcome` on an attestation whose status is `current`.

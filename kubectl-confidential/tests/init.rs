@@ -483,9 +483,10 @@ const NS: &str = "confidential-test";
 /// object of `manifests/` is accepted by server-side apply, the gate's
 /// Deployment hands joining nodes this cluster's API server, the join
 /// Service is a NodePort; with no kubelet to run the gate, init reports
-/// that the gate does not answer and what to check, instead of hanging.
+/// that no pod of the gate is ready and what to check, instead of hanging,
+/// and registers no webhook that would call it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_not_answer()
+async fn in_cluster_install_applies_the_workloads_reports_a_gate_that_is_not_ready_and_registers_no_webhook()
 -> Result<()> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::Service;
@@ -521,10 +522,24 @@ async fn in_cluster_install_applies_the_workloads_and_reports_a_gate_that_does_n
         !out.status.success(),
         "no gate runs, so init cannot succeed"
     );
-    assert!(stderr.contains("did not answer within"), "{stderr}");
     assert!(
-        stderr.contains("kubectl -n confidential-test get pods"),
+        stderr.contains("no pod of the gate became ready within"),
         "{stderr}"
+    );
+    assert!(
+        stderr.contains("kubectl -n confidential-test describe pods"),
+        "{stderr}"
+    );
+    // The fail-closed webhooks are registered only once a gate serves:
+    // none calls a gate that does not run.
+    assert!(
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
+            client.clone()
+        )
+        .get_opt("confidential-gate")
+        .await?
+        .is_none(),
+        "no webhook configuration without a ready gate"
     );
     assert!(!stderr.contains("ERROR"), "{stderr}");
     assert!(

@@ -21,6 +21,14 @@ pub struct ControlPlaneOptions {
     pub apiserver_args: Vec<String>,
     /// How long to wait for readiness.
     pub ready_timeout: Duration,
+    /// The host's address on a VM network ([`crate::vm::VmNetwork`]), for
+    /// nodes and their host-network pods: the API server also listens there
+    /// (it binds every address), advertises it as the `kubernetes`
+    /// Service's endpoint, names it in its serving certificate, and calls
+    /// webhooks at their Service's endpoints (`--enable-aggregator-routing`),
+    /// as an API server outside the Service network must: no ClusterIP is
+    /// routed on this host.
+    pub node_network: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for ControlPlaneOptions {
@@ -28,6 +36,7 @@ impl Default for ControlPlaneOptions {
         Self {
             apiserver_args: Vec::new(),
             ready_timeout: Duration::from_secs(90),
+            node_network: None,
         }
     }
 }
@@ -106,7 +115,9 @@ impl ControlPlane {
             .tempdir()
             .context("creating control-plane dir")?;
         let root = dir.path().to_owned();
-        let pki = ControlPlanePki::generate()?;
+        let extra_ips: Vec<std::net::IpAddr> =
+            options.node_network.into_iter().map(Into::into).collect();
+        let pki = ControlPlanePki::generate_with(&extra_ips)?;
         let p = |name: &str| root.join(name);
         write(&p("ca.crt"), &pki.ca.cert.cert_pem)?;
         write(&p("ca.key"), &pki.ca.cert.key_pem)?;
@@ -154,8 +165,17 @@ impl ControlPlane {
         let mut apiserver = Command::new(&bin.kube_apiserver);
         apiserver
             .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .args(match options.node_network {
+                None => vec![
+                    "--bind-address=127.0.0.1".to_owned(),
+                    "--advertise-address=127.0.0.1".to_owned(),
+                ],
+                Some(address) => vec![
+                    "--bind-address=0.0.0.0".to_owned(),
+                    format!("--advertise-address={address}"),
+                    "--enable-aggregator-routing=true".to_owned(),
+                ],
+            })
             .arg(format!("--secure-port={api_port}"))
             .arg(format!("--cert-dir={}", p("apiserver-certs").display()))
             .arg(format!("--tls-cert-file={}", p("apiserver.crt").display()))

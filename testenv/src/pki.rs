@@ -140,6 +140,11 @@ pub struct ControlPlanePki {
 impl ControlPlanePki {
     /// Generates fresh PKI for an API server reachable at 127.0.0.1.
     pub fn generate() -> Result<Self> {
+        Self::generate_with(&[])
+    }
+
+    /// [`Self::generate`], the serving certificate also naming `extra_ips`.
+    pub fn generate_with(extra_ips: &[IpAddr]) -> Result<Self> {
         let ca = CertificateAuthority::new("kubectl-confidential-testenv-ca")?;
         let apiserver = ca.issue_server(
             "kube-apiserver",
@@ -159,7 +164,10 @@ impl ControlPlanePki {
                 // kubeconfig after TLS bootstrap) verifies the name it
                 // dials, with no per-client TLS server name override.
                 IpAddr::V4(Ipv4Addr::new(10, 0, 2, 100)),
-            ],
+            ]
+            .into_iter()
+            .chain(extra_ips.iter().copied())
+            .collect::<Vec<_>>(),
         )?;
         let admin = ca.issue_client("kubernetes-admin", Some("system:masters"))?;
         let controller_manager = ca.issue_client("system:kube-controller-manager", None)?;

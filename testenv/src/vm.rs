@@ -30,8 +30,10 @@ use tempfile::TempDir;
 use crate::ManagedProcess;
 
 mod boot_report;
+mod network;
 use crate::swtpm::{SwtpmCa, manufacture};
 pub use boot_report::BootReport;
+pub use network::{NetworkPort, VmNetwork};
 
 /// OVMF firmware code (Debian `ovmf`, 4 MiB variant with TPM 2 support).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -106,6 +108,11 @@ pub const GUEST_ATTEST_PORT: u16 = 9444;
 /// The launch configuration key announcing where the cluster reaches the
 /// node's attestation endpoint (the bootstrapper's `--attest-advertise`).
 pub const ENV_ATTEST_ENDPOINT: &str = "CONFIDENTIAL_ATTEST_ENDPOINT";
+/// The launch configuration keys of a node on a [`VmNetwork`]: its address
+/// (`a.b.c.d/prefix`) and default gateway; without them the node takes
+/// QEMU user networking's fixed ones ([`GUEST_IP`], [`GUEST_GATEWAY`]).
+pub const ENV_NODE_ADDRESS: &str = "CONFIDENTIAL_NODE_ADDRESS";
+pub const ENV_NODE_GATEWAY: &str = "CONFIDENTIAL_NODE_GATEWAY";
 /// The fw_cfg item the node's launch configuration is passed in (an env
 /// file; the guest reads it from `/sys/firmware/qemu_fw_cfg/by_name/`).
 pub const NODE_CONFIG_FW_CFG: &str = "opt/confidential/node.env";
@@ -188,6 +195,11 @@ pub struct VmOptions {
     /// gate can re-attest the node and `verify` can ask it. The only way
     /// into the guest; it reaches nothing but that aTLS endpoint.
     pub attest_forward: bool,
+    /// Put the VM on this bridge instead of QEMU user networking: it gets
+    /// the next address there (announced to the node in its launch
+    /// configuration, with its attestation endpoint at that address), and
+    /// `forwards`/`attest_forward` do not apply.
+    pub network: Option<std::sync::Arc<VmNetwork>>,
 }
 
 impl Default for VmOptions {
@@ -199,6 +211,7 @@ impl Default for VmOptions {
             tpm_state: None,
             node_config: None,
             attest_forward: false,
+            network: None,
         }
     }
 }
@@ -236,6 +249,8 @@ pub struct Vm {
     console: PathBuf,
     started: Instant,
     attest_endpoint: Option<String>,
+    /// Dropped after QEMU (field order), with the network it lives on.
+    port: Option<(NetworkPort, std::sync::Arc<VmNetwork>)>,
 }
 
 fn wait_for_path(path: &Path, process: &mut ManagedProcess, timeout: Duration) -> Result<()> {
@@ -330,17 +345,27 @@ impl Vm {
                     disk.serial
                 ));
         }
-        let attest_host_port = match options.attest_forward {
-            true => Some(crate::controlplane::free_port()?),
-            false => None,
+        let port = match &options.network {
+            Some(network) => Some((network.attach()?, network.clone())),
+            None => None,
         };
-        let attest_endpoint = attest_host_port.map(|port| format!("127.0.0.1:{port}"));
-        let node_config = match (&options.node_config, &attest_endpoint) {
-            (Some(config), Some(endpoint)) => {
-                Some(format!("{config}{ENV_ATTEST_ENDPOINT}={endpoint}\n"))
+        let attest_host_port = match (options.attest_forward, &port) {
+            (true, None) => Some(crate::controlplane::free_port()?),
+            _ => None,
+        };
+        let attest_endpoint = match &port {
+            Some((port, _)) => Some(format!("{}:{GUEST_ATTEST_PORT}", port.address)),
+            None => attest_host_port.map(|port| format!("127.0.0.1:{port}")),
+        };
+        let mut node_config = options.node_config.clone();
+        if let Some(config) = &mut node_config {
+            if let Some((port, _)) = &port {
+                config.push_str(&port.node_config());
             }
-            (config, _) => config.clone(),
-        };
+            if let Some(endpoint) = &attest_endpoint {
+                config.push_str(&format!("{ENV_ATTEST_ENDPOINT}={endpoint}\n"));
+            }
+        }
         if let Some(config) = &node_config {
             let file = d.join("node.env");
             std::fs::write(&file, config).context("writing the node configuration")?;
@@ -348,12 +373,24 @@ impl Vm {
                 .arg("-fw_cfg")
                 .arg(format!("name={NODE_CONFIG_FW_CFG},file={}", file.display()));
         }
-        qemu_cmd
+        match &port {
             // User-mode networking with no route out (restrict=on) but the
             // forwards asked for; no option ROM, so nothing but firmware
             // code runs before the UKI.
-            .args(["-netdev", &netdev_arg(&options.forwards, attest_host_port)])
-            .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
+            None => qemu_cmd
+                .args(["-netdev", &netdev_arg(&options.forwards, attest_host_port)])
+                .args(["-device", "virtio-net-pci,netdev=net0,romfile="]),
+            Some((port, _)) => qemu_cmd
+                .args([
+                    "-netdev",
+                    &format!("tap,id=net0,ifname={},script=no,downscript=no", port.tap),
+                ])
+                .args([
+                    "-device",
+                    &format!("virtio-net-pci,netdev=net0,romfile=,mac={}", port.mac),
+                ]),
+        };
+        qemu_cmd
             .arg("-serial")
             .arg(format!("file:{}", console.display()));
         let started = Instant::now();
@@ -366,11 +403,18 @@ impl Vm {
             console,
             started,
             attest_endpoint,
+            port,
         })
     }
 
+    /// The VM's address on its [`VmNetwork`], when it is on one.
+    pub fn address(&self) -> Option<std::net::Ipv4Addr> {
+        self.port.as_ref().map(|(port, _)| port.address)
+    }
+
     /// Where the host reaches the node's attestation endpoint
-    /// (`127.0.0.1:<port>`), when booted with `attest_forward`.
+    /// (`127.0.0.1:<port>` when booted with `attest_forward`, its address
+    /// on a [`VmNetwork`]).
     pub fn attest_endpoint(&self) -> Option<&str> {
         self.attest_endpoint.as_deref()
     }

@@ -301,6 +301,7 @@ impl NodeEnv {
             tpm_state: Some(tpm_state.to_owned()),
             node_config: Some(self.node_config(node, disk_uuid)),
             attest_forward: true,
+            network: None,
         };
         Vm::boot_with(&self.ca, uki, self.accel, &options)
     }

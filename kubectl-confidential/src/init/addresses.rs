@@ -38,6 +38,35 @@ pub fn serving_names(placement: &GatePlacement, namespace: &str) -> Result<Vec<S
     })
 }
 
+/// Where host-network pods reach the API server (`--host-network`): the
+/// host and port of `url`, which must be an `https` address the nodes
+/// reach. A loopback address is refused: it names each node itself.
+pub fn host_network_api_server(url: &str) -> Result<(String, u16)> {
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("{url:?} is not a URL"))?;
+    if uri.scheme_str() != Some("https") {
+        bail!("{url}: the API server is reached over https");
+    }
+    let host = uri
+        .host()
+        .with_context(|| format!("{url} names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
+    if loopback {
+        bail!(
+            "{url} is this machine's loopback; on a node it names the node itself. \
+             Pass --node-api-server with the address the nodes reach the API server at"
+        );
+    }
+    Ok((host, uri.port_u16().unwrap_or(443)))
+}
+
 /// Where machines reach the join endpoint (pure), for the cluster file.
 pub fn gate_endpoint(
     exposure: &JoinExposure,
@@ -105,6 +134,40 @@ pub fn gate_endpoint(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn host_network_pods_reach_the_api_server_where_nodes_do() {
+        assert_eq!(
+            host_network_api_server("https://10.213.0.1:6443").expect("ok"),
+            ("10.213.0.1".to_owned(), 6443)
+        );
+        assert_eq!(
+            host_network_api_server("https://api.example.com").expect("ok"),
+            ("api.example.com".to_owned(), 443)
+        );
+        assert_eq!(
+            host_network_api_server("https://[fd00::1]:6443").expect("ok"),
+            ("fd00::1".to_owned(), 6443)
+        );
+        for bad in [
+            "https://127.0.0.1:6443",
+            "https://localhost:6443",
+            "https://[::1]:6443",
+            "https://0.0.0.0:6443",
+            "http://10.213.0.1:6443",
+            "10.213.0.1:6443",
+            "not a url",
+        ] {
+            let err = host_network_api_server(bad).expect_err(bad);
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("--node-api-server")
+                    || text.contains("https")
+                    || text.contains("URL"),
+                "{bad}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn the_join_endpoint_follows_the_exposure() {

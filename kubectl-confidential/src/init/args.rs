@@ -109,6 +109,15 @@ pub struct InitArgs {
     /// API server URL handed to joining nodes (default: this kubeconfig's server).
     #[arg(long, value_name = "URL")]
     pub node_api_server: Option<String>,
+    /// Run the gate and the operator in the nodes' own network
+    /// (hostNetwork) and have them reach the API server at
+    /// --node-api-server directly, not through the `kubernetes` Service: for
+    /// nodes without a Service proxy or a pod network reaching the control
+    /// plane (the VM node image of this repository). The gate listens on the
+    /// nodes' addresses (admission 8443, join 9443; the API server calls it
+    /// at its Service's endpoints), the operator on 8080.
+    #[arg(long)]
+    pub host_network: bool,
     /// The images to install instead of the digests in
     /// manifests/kustomization.yaml: the `images.json` that
     /// `cargo xtask images` writes (`{"images": [{"name": REPO, "digest": "sha256:..."}]}`).

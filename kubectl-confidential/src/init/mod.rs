@@ -42,7 +42,7 @@ use crate::output::Format;
 use crate::verify::trust::{ClusterFile, TrustedFile, read_ek_cas, read_signed_file};
 use apply::{Mode, Outcome};
 use args::InitArgs;
-use objects::{GatePlacement, Install, Layout};
+use objects::{GatePlacement, Install, Layout, PodNetwork};
 use secrets::{Identity, LocalFile, MasterSecretFile};
 
 pub use args::InitArgs as Args;
@@ -228,6 +228,11 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         }
     }
     let names = addresses::serving_names(&placement, namespace)?;
+    if args.host_network && !matches!(placement, GatePlacement::InCluster) {
+        bail!(
+            "--host-network places the gate's and the operator's pods; with --gate-url no pods run"
+        );
+    }
 
     let cluster = connection.client().await?;
     let client = &cluster.client;
@@ -281,13 +286,23 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         None => serving.ca_pem.clone(),
     };
 
+    let node_api_server = args
+        .node_api_server
+        .clone()
+        .unwrap_or_else(|| cluster.server.clone());
+    let pod_network = match args.host_network {
+        false => PodNetwork::Pods,
+        true => {
+            let (api_host, api_port) =
+                addresses::host_network_api_server(&node_api_server).context("--host-network")?;
+            PodNetwork::Host { api_host, api_port }
+        }
+    };
     let layout = Layout {
         exposure: args.join_exposure.clone(),
         placement: placement.clone(),
-        node_api_server: args
-            .node_api_server
-            .clone()
-            .unwrap_or_else(|| cluster.server.clone()),
+        node_api_server,
+        pod_network,
     };
     let pool = NodeVersion::new(
         &args.pool,
@@ -362,6 +377,9 @@ pub async fn run(connection: &ConnectionArgs, namespace: &str, args: &InitArgs) 
         .filter(|o| !is(o, "CustomResourceDefinition") && !late.iter().any(|k| is(o, k)))
     {
         report(object, apply::apply(client, object, Mode::Apply).await?);
+    }
+    if matches!(placement, GatePlacement::InCluster) {
+        wait::gate_pods_ready(client, namespace, objects::GATE, args.timeout).await?;
     }
     for object in all
         .iter()

@@ -28,6 +28,8 @@ pub const WEBHOOK_CONFIGURATION: &str = "confidential-gate";
 pub const JOIN_SERVICE: &str = "confidential-gate-join";
 /// The gate's Deployment and admission Service.
 pub const GATE: &str = "confidential-webhook";
+/// The operator's Deployment.
+pub const OPERATOR: &str = "confidential-controllers";
 
 /// `manifests/` files in the order they are applied (CRDs come from
 /// `confidential_api::crds()`, which `manifests/crds/` is generated from).
@@ -231,6 +233,40 @@ pub struct Layout {
     pub placement: GatePlacement,
     /// The API server URL the gate hands to joining nodes.
     pub node_api_server: String,
+    pub pod_network: PodNetwork,
+}
+
+/// Which network the gate's and the operator's pods run in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// The pod network; they reach the API server through the `kubernetes`
+    /// Service, as every pod does.
+    Pods,
+    /// The nodes' own network (`hostNetwork`), reaching the API server at
+    /// this address directly (`KUBERNETES_SERVICE_HOST`/`_PORT` set in
+    /// their environment), as a cluster's bootstrap components (kube-proxy,
+    /// CNI agents) do: for nodes without a Service proxy or a pod network
+    /// that reaches the control plane. The gate then listens on the nodes'
+    /// addresses (admission 8443, join 9443), the operator on 8080.
+    Host { api_host: String, api_port: u16 },
+}
+
+/// Puts a Deployment's pods into the nodes' network (pure).
+fn into_host_network(deployment: &mut Value, api_host: &str, api_port: u16) {
+    let spec = &mut deployment["spec"]["template"]["spec"];
+    spec["hostNetwork"] = json!(true);
+    spec["dnsPolicy"] = json!("ClusterFirstWithHostNet");
+    let containers = spec.get_mut("containers").and_then(Value::as_array_mut);
+    for container in containers.into_iter().flatten() {
+        let env = [
+            json!({ "name": "KUBERNETES_SERVICE_HOST", "value": api_host }),
+            json!({ "name": "KUBERNETES_SERVICE_PORT", "value": api_port.to_string() }),
+        ];
+        match container.get_mut("env").and_then(Value::as_array_mut) {
+            Some(existing) => existing.extend(env),
+            None => container["env"] = json!(env),
+        }
+    }
 }
 
 fn set_join_api_server(deployment: &mut Value, url: &str) {
@@ -274,6 +310,12 @@ pub fn lay_out(objects: Vec<Value>, layout: &Layout) -> Vec<Value> {
                 }
             }
         }
+        if let PodNetwork::Host { api_host, api_port } = &layout.pod_network
+            && k == "Deployment"
+            && (n == GATE || n == OPERATOR)
+        {
+            into_host_network(&mut object, api_host, *api_port);
+        }
         if k == "Deployment" && n == GATE {
             set_join_api_server(&mut object, &layout.node_api_server);
             if layout.exposure == JoinExposure::HostNetwork {
@@ -302,7 +344,25 @@ pub fn lay_out(objects: Vec<Value>, layout: &Layout) -> Vec<Value> {
         }
         out.push(object);
     }
+    allow_host_network(&mut out);
     out
+}
+
+/// The namespace's Pod Security level when a component runs in the nodes'
+/// network: `restricted` (and `baseline`) forbid host namespaces and host
+/// ports, so the ReplicaSets could create no pod. Only the gate and the
+/// operator live in that namespace.
+fn allow_host_network(objects: &mut [Value]) {
+    let on_host = objects.iter().any(|o| {
+        kind(o) == "Deployment"
+            && o.pointer("/spec/template/spec/hostNetwork") == Some(&json!(true))
+    });
+    if !on_host {
+        return;
+    }
+    for namespace in objects.iter_mut().filter(|o| kind(o) == "Namespace") {
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] = json!("privileged");
+    }
 }
 
 /// Moves everything of the gate's namespace to `namespace` (pure), as
@@ -371,7 +431,7 @@ pub fn in_namespace(objects: Vec<Value>, namespace: &str) -> Vec<Value> {
                     GATE => Some(format!(
                         "--exempt-namespaces=kube-system,kube-node-lease,kube-public,{namespace}"
                     )),
-                    "confidential-controllers" => Some(format!("--leader-namespace={namespace}")),
+                    OPERATOR => Some(format!("--leader-namespace={namespace}")),
                     _ => None,
                 };
                 if let (Some(extra), Some(container)) = (
@@ -508,7 +568,80 @@ mod tests {
             exposure,
             placement,
             node_api_server: "https://203.0.113.1:6443".to_owned(),
+            pod_network: PodNetwork::Pods,
         }
+    }
+
+    #[test]
+    fn host_network_puts_both_components_on_the_nodes_network_with_the_api_server_address() {
+        let mut on_host = layout(
+            JoinExposure::External("203.0.113.7:9443".into()),
+            GatePlacement::InCluster,
+        );
+        on_host.pod_network = PodNetwork::Host {
+            api_host: "203.0.113.1".into(),
+            api_port: 6443,
+        };
+        let objects = lay_out(manifest_objects().expect("objects"), &on_host);
+        for name in [GATE, OPERATOR] {
+            let deployment = find(&objects, "Deployment", name).expect(name);
+            let spec = &deployment["spec"]["template"]["spec"];
+            assert_eq!(spec["hostNetwork"], true, "{name}");
+            assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet", "{name}");
+            let env = spec["containers"][0]["env"].as_array().expect("env");
+            let value = |key: &str| {
+                env.iter()
+                    .find(|e| e["name"] == key)
+                    .map(|e| e["value"].clone())
+            };
+            assert_eq!(value("KUBERNETES_SERVICE_HOST"), Some(json!("203.0.113.1")));
+            assert_eq!(value("KUBERNETES_SERVICE_PORT"), Some(json!("6443")));
+            assert!(
+                spec.get("nodeSelector").is_none(),
+                "{name}: any node, not only control-plane ones"
+            );
+        }
+        let operator = find(&objects, "Deployment", OPERATOR).expect("operator");
+        let env = operator["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env");
+        assert!(
+            env.iter().any(|e| e["name"] == "POD_NAME"),
+            "the manifest's own variables stay"
+        );
+        let namespace = find(&objects, "Namespace", NAMESPACE).expect("namespace");
+        assert_eq!(
+            namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+            "restricted would refuse every host-network pod"
+        );
+        // The default stays on the pod network, under `restricted`.
+        let objects = lay_out(
+            manifest_objects().expect("objects"),
+            &layout(JoinExposure::NodePort, GatePlacement::InCluster),
+        );
+        for name in [GATE, OPERATOR] {
+            let deployment = find(&objects, "Deployment", name).expect(name);
+            assert!(
+                deployment["spec"]["template"]["spec"]
+                    .get("hostNetwork")
+                    .is_none()
+            );
+        }
+        let namespace = find(&objects, "Namespace", NAMESPACE).expect("namespace");
+        assert_eq!(
+            namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+            "restricted"
+        );
+        // The hostnetwork join exposure puts the gate on the nodes' network too.
+        let objects = lay_out(
+            manifest_objects().expect("objects"),
+            &layout(JoinExposure::HostNetwork, GatePlacement::InCluster),
+        );
+        let namespace = find(&objects, "Namespace", NAMESPACE).expect("namespace");
+        assert_eq!(
+            namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+            "privileged"
+        );
     }
 
     fn find<'a>(objects: &'a [Value], k: &str, n: &str) -> Option<&'a Value> {

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use confidential_api::{NodeVersion, NodeVersionSpec};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 
 /// Name of the dry-run probe object (never stored).
 const PROBE: &str = "kubectl-confidential-init-probe";
@@ -94,6 +96,108 @@ pub async fn crds_established(client: &Client, names: &[String], timeout: Durati
     }
 }
 
+/// One line on the gate's pods (pure): how many are ready, and why each
+/// other one is not (its phase, a container's waiting reason, or the
+/// scheduler's message).
+pub fn pods_line(deployment: Option<&Deployment>, pods: &[Pod]) -> String {
+    let desired = deployment
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let ready = deployment
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let mut why: Vec<String> = Vec::new();
+    // Pods the ReplicaSet could not even create (admission refused them).
+    if let Some(failure) = deployment
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+    {
+        why.push(format!(
+            "no pod created: {}",
+            failure.message.clone().unwrap_or_default()
+        ));
+    }
+    for pod in pods {
+        let status = pod.status.as_ref();
+        let is_ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if is_ready {
+            continue;
+        }
+        let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
+        let waiting = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
+        let unschedulable = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            .and_then(|c| c.message.clone());
+        let reason = waiting.or(unschedulable).unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        why.push(match reason.is_empty() {
+            true => format!("{name} {phase}"),
+            false => format!("{name} {phase} ({reason})"),
+        });
+    }
+    match why.is_empty() {
+        true => format!("the gate's pods: {ready}/{desired} ready"),
+        false => format!(
+            "the gate's pods: {ready}/{desired} ready; {}",
+            why.join("; ")
+        ),
+    }
+}
+
+/// Waits until at least one of the gate's pods is ready, before the
+/// webhook that calls it is registered: the webhooks fail closed, so a
+/// configuration pointing at a gate that does not serve yet would stop
+/// every node's heartbeat meanwhile (and, when the gate moves into the
+/// cluster, the nodes it is to run on).
+pub async fn gate_pods_ready(
+    client: &Client,
+    namespace: &str,
+    deployment: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = ListParams::default().labels(&format!("app.kubernetes.io/name={deployment}"));
+    let started = tokio::time::Instant::now();
+    let mut progress = Progress(String::new());
+    loop {
+        let current = deployments.get_opt(deployment).await?;
+        let listed = pods.list(&selector).await?.items;
+        let ready = current
+            .as_ref()
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        let line = pods_line(current.as_ref(), &listed);
+        if ready >= 1 {
+            eprintln!("{line} after {}s", started.elapsed().as_secs());
+            return Ok(());
+        }
+        progress.show(format!("waiting for {line}"));
+        if started.elapsed() > timeout {
+            bail!(
+                "no pod of the gate became ready within {timeout:?} ({line}); nothing calls it yet. \
+                 Check `kubectl -n {namespace} describe pods -l app.kubernetes.io/name={deployment}`"
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits until the gate answers admission requests through its webhook.
 pub async fn gate_answers(
     client: &Client,
@@ -154,6 +258,55 @@ pub async fn gate_answers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pods_line_says_why_a_pod_is_not_ready() {
+        let deployment: Deployment = serde_json::from_value(serde_json::json!({
+            "spec": { "replicas": 2, "selector": {}, "template": {} },
+            "status": { "readyReplicas": 1 }
+        }))
+        .expect("deployment");
+        let pod = |name: &str, status: serde_json::Value| -> Pod {
+            serde_json::from_value(
+                serde_json::json!({ "metadata": { "name": name }, "status": status }),
+            )
+            .expect("pod")
+        };
+        let pods = [
+            pod(
+                "gate-a",
+                serde_json::json!({ "phase": "Running",
+                "conditions": [{ "type": "Ready", "status": "True" }] }),
+            ),
+            pod(
+                "gate-b",
+                serde_json::json!({ "phase": "Pending",
+                "conditions": [{ "type": "PodScheduled", "status": "False",
+                    "message": "0/1 nodes are available: 1 node(s) didn't have free ports" }] }),
+            ),
+            pod(
+                "gate-c",
+                serde_json::json!({ "phase": "Pending",
+                "containerStatuses": [{ "name": "webhook", "image": "x", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": { "waiting": { "reason": "ErrImagePull" } } }] }),
+            ),
+        ];
+        assert_eq!(
+            pods_line(Some(&deployment), &pods),
+            "the gate's pods: 1/2 ready; gate-b Pending (0/1 nodes are available: 1 node(s) didn't have free ports); gate-c Pending (ErrImagePull)"
+        );
+        assert_eq!(pods_line(None, &[]), "the gate's pods: 0/1 ready");
+        let refused: Deployment = serde_json::from_value(serde_json::json!({
+            "spec": { "replicas": 2, "selector": {}, "template": {} },
+            "status": { "conditions": [{ "type": "ReplicaFailure", "status": "True",
+                "reason": "FailedCreate", "message": "pods \"gate-x\" is forbidden: violates PodSecurity" }] }
+        }))
+        .expect("deployment");
+        assert_eq!(
+            pods_line(Some(&refused), &[]),
+            "the gate's pods: 0/2 ready; no pod created: pods \"gate-x\" is forbidden: violates PodSecurity"
+        );
+    }
 
     fn api_error(code: u16, message: &str) -> Result<NodeVersion, kube::Error> {
         Err(kube::Error::Api(

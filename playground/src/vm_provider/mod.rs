@@ -234,6 +234,7 @@ fn start_vm(
         // The gate re-attests the node (and `verify` asks it) through the
         // one host port forwarded into the VM, announced at join.
         attest_forward: true,
+        network: None,
         ..VmOptions::default()
     };
     Vm::boot_with(ca, &uki, accel, &options)

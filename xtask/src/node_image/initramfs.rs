@@ -99,18 +99,26 @@ for m in $(cat /etc/node-modules); do insmod /lib/modules/$m.ko || echo "node-im
 mkdir -p /sys/fs/cgroup /run/kubelet /run/containerd /run/cryptsetup /machine /var/log /var/lib
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "+cpu +cpuset +io +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
-ip link set lo up
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
 config=/sys/firmware/qemu_fw_cfg/by_name/opt/confidential/node.env/raw
 [ -r "$config" ] || idle "no launch configuration (fw_cfg opt/confidential/node.env); waiting"
 while IFS='=' read -r key value; do
   case "$key" in
-    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS|CONFIDENTIAL_NODE_LABELS|CONFIDENTIAL_ATTEST_ENDPOINT) export "$key=$value";;
+    CONFIDENTIAL_GATE_ENDPOINTS|CONFIDENTIAL_GATE_PIN|CONFIDENTIAL_NODE_NAME|CONFIDENTIAL_DISK_UUID|CONFIDENTIAL_POOL|CONFIDENTIAL_MAX_ATTEMPTS|CONFIDENTIAL_NODE_LABELS|CONFIDENTIAL_ATTEST_ENDPOINT|CONFIDENTIAL_NODE_ADDRESS|CONFIDENTIAL_NODE_GATEWAY) export "$key=$value";;
     *) echo "node-image: ignoring launch configuration key ${key%%[!A-Z_]*}";;
   esac
 done < "$config"
+# The node's address: on a cluster network, the one its launch configuration
+# gives; else QEMU user networking's fixed one. `ip` parses the values (one
+# quoted argument each), and a value it refuses stops the boot.
+step network
+address=${CONFIDENTIAL_NODE_ADDRESS:-10.0.2.15/24}
+gateway=${CONFIDENTIAL_NODE_GATEWAY:-10.0.2.2}
+node_ip=${address%/*}
+ip link set lo up
+ip link set eth0 up
+ip addr add "$address" dev eth0 || idle "cannot set the node address; waiting"
+ip route add default via "$gateway" || idle "cannot route through the gateway; waiting"
+echo "node-image: network address=$node_ip"
 state= machine=
 for d in /sys/block/vd*; do
   case "$(cat $d/serial 2>/dev/null)" in
@@ -143,7 +151,7 @@ for image in /usr/share/node-images/*.tar; do
   ctr -n k8s.io images import --all-platforms "$image" > /dev/null || echo "node-image: import $image failed"
 done
 step kubelet
-kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" ${CONFIDENTIAL_NODE_LABELS:+"--node-labels=$CONFIDENTIAL_NODE_LABELS"} --node-ip 10.0.2.15 > /var/log/kubelet.log 2>&1 &
+kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" ${CONFIDENTIAL_NODE_LABELS:+"--node-labels=$CONFIDENTIAL_NODE_LABELS"} --node-ip "$node_ip" > /var/log/kubelet.log 2>&1 &
 kubelet=$!
 # Only the node's own state goes to the console, which the host reads: no
 # workload output (pod logs stay on the encrypted disk), and the kubelet's

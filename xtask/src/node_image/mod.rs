@@ -160,6 +160,7 @@ impl NodeImageInputs {
         inputs.os.runtime = Some(runtime::NodeRuntime {
             kubelet,
             modules_dir: ensure_kernel_modules()?,
+            extra_images: Vec::new(),
         });
         Ok(inputs)
     }

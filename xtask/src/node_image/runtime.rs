@@ -82,6 +82,10 @@ pub struct NodeRuntime {
     pub kubelet: PathBuf,
     /// `lib/modules/<release>` of the image's kernel.
     pub modules_dir: PathBuf,
+    /// Container images baked besides the pause and demo images (e.g. the
+    /// gate's and the operator's, for a node that runs them): measured
+    /// with the rest of the image, imported at boot by tag and by digest.
+    pub extra_images: Vec<BakedImage>,
 }
 
 /// A file the runtime adds: archive path, mode, contents.
@@ -327,7 +331,8 @@ pub struct BakedImage {
 }
 
 impl BakedImage {
-    fn new(file_name: &str, image: &Image) -> Result<Self> {
+    /// `image` as the archive `file_name` under [`IMAGES_DIR`].
+    pub fn new(file_name: &str, image: &Image) -> Result<Self> {
         Ok(Self {
             file_name: file_name.to_owned(),
             reference: image.reference(),
@@ -415,7 +420,19 @@ pub fn files(runtime: &NodeRuntime, busybox: &[u8]) -> Result<Vec<RuntimeFile>> 
     for (name, bytes) in modules {
         out.push((format!("lib/modules/{name}.ko"), 0o644, bytes));
     }
-    for image in container_images(busybox)? {
+    let mut images = container_images(busybox)?;
+    images.extend(runtime.extra_images.iter().cloned());
+    let mut names = std::collections::BTreeSet::new();
+    for image in images {
+        if !names.insert(image.file_name.clone()) {
+            bail!("two baked images are named {}", image.file_name);
+        }
+        if !image.file_name.ends_with(".tar") || image.file_name.contains('/') {
+            bail!(
+                "baked image file {:?}: a plain name ending in .tar (init imports {IMAGES_DIR}/*.tar)",
+                image.file_name
+            );
+        }
         out.push((
             format!("{IMAGES_DIR}/{}", image.file_name),
             0o644,

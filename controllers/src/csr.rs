@@ -181,14 +181,7 @@ async fn handle(
         Decision::Approve(m) => ("Approved", bounded(m)),
         Decision::Deny(m) => ("Denied", bounded(m)),
     };
-    metrics
-        .csr_decisions
-        .get_or_create(&Outcome {
-            result: type_.to_lowercase(),
-        })
-        .inc();
     let username = csr.spec.username.as_deref().unwrap_or_default();
-    tracing::info!(csr = %csr.name_any(), %username, decision = type_, %message, "kubelet CSR");
     let patch = json!({ "status": { "conditions": [{
         "type": type_, "status": "True", "reason": "ConfidentialAttestation",
         "message": message, "lastUpdateTime": now.to_string() }] } });
@@ -199,6 +192,15 @@ async fn handle(
         &Patch::Merge(patch),
     )
     .await?;
+    // Counted and logged once it is written: a refused write (RBAC, a
+    // conflict) is an error of its own, not a decision taken.
+    metrics
+        .csr_decisions
+        .get_or_create(&Outcome {
+            result: type_.to_lowercase(),
+        })
+        .inc();
+    tracing::info!(csr = %csr.name_any(), %username, decision = type_, %message, "kubelet CSR");
     let event = Event {
         type_: if type_ == "Approved" {
             EventType::Normal
@@ -245,7 +247,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>) {
         .applied_objects()
         .boxed();
     while let Some(event) = events.next().await {
-        let Ok(csr) = event else { continue };
+        let csr = match event {
+            Ok(csr) => csr,
+            Err(err) => {
+                // The watcher retries with backoff; say why it has to.
+                tracing::warn!(%err, "watching kubelet CSRs");
+                continue;
+            }
+        };
         if let Err(err) = handle(&client, &recorder, &metrics, &csr).await {
             tracing::warn!(csr = %csr.name_any(), %err, "kubelet CSR");
         }

@@ -16,8 +16,9 @@
 //! records the pool's missing machine, the test boots it (as a machine
 //! bridge watching PendingNodes would), it attests to the gate pod at node
 //! 1's address and joins; the operator pod approves its kubelet's
-//! certificate; the second replicas start on it; an unattested Node is
-//! refused; `verify --all-nodes` passes from outside.
+//! certificate; the second replicas start on it, and their logs are read
+//! through the API server; an unattested Node is refused; `verify
+//! --all-nodes` passes from outside.
 //!
 //! The VMs and this host share a bridge ([`VmNetwork`]): the gate pod must
 //! re-attest nodes at the addresses they announce, and the API server must
@@ -46,23 +47,15 @@ use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use vm_node_env::{NodeEnv, disk_uuid, patience};
+use vm_node_env::{NodeEnv, build_node_image_with, disk_uuid, patience, wait_node_ready};
 use xtask::images::{ImageMeta, image, image_files, workspace_meta};
 use xtask::node_image::runtime::BakedImage;
-use xtask::node_image::{ImageVersion, NodeImageInputs, build};
 
 const IMAGE: &str = "vm-node:v1";
 const POOL: &str = "default";
 const NAMESPACE: &str = "confidential-system";
 /// The gate's join port on the nodes' network (`manifests/webhook/deployment.yaml`).
 const JOIN_PORT: u16 = 9443;
-
-fn node_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
 
 /// The gate's and the operator's images as `cargo xtask images` builds
 /// them (from the dev binaries, debug info stripped so the node image
@@ -112,20 +105,7 @@ fn build_components(dir: &Path) -> Result<Components> {
         &images_json,
         json!({ "version": meta.version, "images": listed }).to_string(),
     )?;
-    let bootstrapper = workspace_binary(
-        "confidential-bootstrapper",
-        "confidential-bootstrapper",
-        "CONFIDENTIAL_BOOTSTRAPPER",
-    )?;
-    let kubelet = confidential_testenv::binaries::ensure_kubelet()?;
-    let mut inputs = NodeImageInputs::node(bootstrapper, kubelet)?;
-    inputs
-        .os
-        .runtime
-        .as_mut()
-        .context("node runtime")?
-        .extra_images = baked;
-    let uki = build(&"v1".parse::<ImageVersion>()?, &inputs, dir)?;
+    let uki = build_node_image_with(dir, baked)?;
     Ok(Components {
         uki,
         images_json,
@@ -209,36 +189,10 @@ fn boot(
     )
 }
 
-/// Waits until Node `name` is Ready while `vm` runs; the console on failure.
+/// Waits for the node's kubelet to start, then for Node `name` to be Ready.
 async fn wait_ready(client: &kube::Client, vm: Vm, name: &str, accel: Accel) -> Result<Vm> {
     let (vm, _) = NodeEnv::console(vm, "node-image: step kubelet", patience(accel, 240)).await?;
-    let nodes = Api::<Node>::all(client.clone());
-    let vm = Arc::new(std::sync::Mutex::new(vm));
-    let watched = vm.clone();
-    let result = eventually(
-        &format!("Node {name} to be Ready"),
-        patience(accel, 240),
-        || {
-            let nodes = nodes.clone();
-            let name = name.to_owned();
-            let running = watched
-                .lock()
-                .map_err(|_| anyhow::anyhow!("VM lock"))
-                .and_then(|mut vm| vm.check_running());
-            async move {
-                running?;
-                Ok(nodes.get_opt(&name).await?.filter(node_ready).map(|_| ()))
-            }
-        },
-    )
-    .await;
-    drop(watched);
-    let vm = Arc::try_unwrap(vm)
-        .map_err(|_| anyhow::anyhow!("VM still shared"))?
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("VM lock"))?;
-    result.with_context(|| format!("console:\n{}", vm.console()))?;
-    Ok(vm)
+    wait_node_ready(client, vm, name, patience(accel, 240)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -558,6 +512,26 @@ async fn the_gate_and_the_operator_move_onto_an_attested_node_and_admit_the_next
             .count()
     };
     assert_eq!((on(&first_name), on(&second_name)), (2, 2));
+
+    // `kubectl logs` reaches the kubelet of a VM node: the API server
+    // dials its address with a client certificate of the cluster CA, which
+    // the node learned at join.
+    let gate_on_second = running
+        .iter()
+        .find(|p| {
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(second_name.as_str())
+                && p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("confidential-webhook-"))
+        })
+        .and_then(|p| p.metadata.name.clone())
+        .context("the gate pod on node 2")?;
+    let logs = pods
+        .logs(&gate_on_second, &kube::api::LogParams::default())
+        .await
+        .context("the gate pod's logs through the API server")?;
+    assert!(logs.contains("caches synced; ready"), "{logs}");
 
     // The API server calls the gate pods: an unattested Node is refused.
     let intruder: Node =

@@ -24,13 +24,6 @@ use serde_json::json;
 use vm_node_env::*;
 use xtask::node_image::runtime::{DEMO_LOG_LINE, system_demo_image};
 
-fn node_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
     let _one = ONE_VM_AT_A_TIME.lock().await;
@@ -52,26 +45,7 @@ async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
 
     // The Node registers through TLS bootstrap and becomes Ready.
     let nodes = Api::<Node>::all(env.cluster.client.clone());
-    let vm = std::sync::Arc::new(std::sync::Mutex::new(vm));
-    let watched = vm.clone();
-    eventually("the VM node to be Ready", patience(env.accel, 300), || {
-        let nodes = nodes.clone();
-        let name = name.clone();
-        let running = watched
-            .lock()
-            .map_err(|_| anyhow::anyhow!("VM lock"))
-            .and_then(|mut vm| vm.check_running());
-        async move {
-            running?;
-            Ok(nodes.get_opt(&name).await?.filter(node_ready).map(|_| ()))
-        }
-    })
-    .await
-    .with_context(|| {
-        vm.lock()
-            .map(|vm| format!("console:\n{}", vm.console()))
-            .unwrap_or_default()
-    })?;
+    let vm = wait_node_ready(&env.cluster.client, vm, &name, patience(env.accel, 300)).await?;
     let att = Api::<NodeAttestation>::all(env.cluster.client.clone())
         .get(&name)
         .await?;
@@ -116,16 +90,7 @@ async fn a_vm_node_joins_encrypts_its_disk_and_runs_a_pod() -> Result<()> {
         },
     )
     .await
-    .with_context(|| {
-        vm.lock()
-            .map(|vm| format!("console:\n{}", vm.console()))
-            .unwrap_or_default()
-    })?;
-    drop(watched);
-    let vm = std::sync::Arc::try_unwrap(vm)
-        .map_err(|_| anyhow::anyhow!("VM still shared"))?
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("VM lock"))?;
+    .with_context(|| format!("console:\n{}", vm.console()))?;
     let console = vm.console();
     vm.stop();
     // The workload's output never reaches the host's console.

@@ -364,6 +364,16 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
         json!({"images": [{"name": "ghcr.io/kubectl-confidential/confidential-webhook", "digest": format!("sha256:{}", "5e".repeat(32))}]})
             .to_string(),
     )?;
+    let both_images = d.join("both-images.json");
+    std::fs::write(
+        &both_images,
+        json!({"images": [
+            {"name": "ghcr.io/kubectl-confidential/confidential-webhook", "digest": format!("sha256:{}", "5e".repeat(32))},
+            {"name": "ghcr.io/kubectl-confidential/confidential-controllers", "digest": format!("sha256:{}", "c0".repeat(32))},
+        ]})
+        .to_string(),
+    )?;
+    let both_images = both_images.display().to_string();
     let in_cluster = |extra: &[&str]| -> Vec<String> {
         init_args(&playground, extra)
             .into_iter()
@@ -430,6 +440,16 @@ async fn dry_run_equals_the_manifests_and_every_bad_input_changes_nothing() -> R
             "in-cluster install with an images file missing the operator",
             in_cluster(&["--images", &gate_only_images.display().to_string()]),
             "pins ghcr.io/kubectl-confidential/confidential-controllers by placeholder",
+        ),
+        (
+            "host network for a gate outside the cluster",
+            init_args(&playground, &["--host-network"]),
+            "with --gate-url no pods run",
+        ),
+        (
+            "host network with the nodes sent to this machine's loopback",
+            in_cluster(&["--images", &both_images, "--host-network"]),
+            "is this machine's loopback",
         ),
         (
             "unreachable API server",

@@ -27,7 +27,8 @@ pub struct ControlPlaneOptions {
     /// Service's endpoint, names it in its serving certificate, and calls
     /// webhooks at their Service's endpoints (`--enable-aggregator-routing`),
     /// as an API server outside the Service network must: no ClusterIP is
-    /// routed on this host.
+    /// routed on this host; and it reaches kubelets at their InternalIP with
+    /// a client certificate of the cluster CA (`kubectl logs`, `exec`).
     pub node_network: Option<std::net::Ipv4Addr>,
 }
 
@@ -123,6 +124,8 @@ impl ControlPlane {
         write(&p("ca.key"), &pki.ca.cert.key_pem)?;
         write(&p("apiserver.crt"), &pki.apiserver.cert_pem)?;
         write(&p("apiserver.key"), &pki.apiserver.key_pem)?;
+        write(&p("kubelet-client.crt"), &pki.kubelet_client.cert_pem)?;
+        write(&p("kubelet-client.key"), &pki.kubelet_client.key_pem)?;
         write(&p("sa.key"), &pki.service_account_key)?;
         write(&p("sa.pub"), &pki.service_account_pub)?;
 
@@ -174,6 +177,14 @@ impl ControlPlane {
                     "--bind-address=0.0.0.0".to_owned(),
                     format!("--advertise-address={address}"),
                     "--enable-aggregator-routing=true".to_owned(),
+                    // Logs, exec and port-forward reach a node's kubelet at
+                    // its address, with a client certificate it trusts.
+                    "--kubelet-preferred-address-types=InternalIP,Hostname".to_owned(),
+                    format!(
+                        "--kubelet-client-certificate={}",
+                        p("kubelet-client.crt").display()
+                    ),
+                    format!("--kubelet-client-key={}", p("kubelet-client.key").display()),
                 ],
             })
             .arg(format!("--secure-port={api_port}"))

@@ -132,6 +132,8 @@ pub struct ControlPlanePki {
     pub admin: CertifiedKey,
     pub controller_manager: CertifiedKey,
     pub scheduler: CertifiedKey,
+    /// The API server's client certificate towards kubelets (logs, exec).
+    pub kubelet_client: CertifiedKey,
     /// Service-account token signing key (PEM private key, PEM public key).
     pub service_account_key: String,
     pub service_account_pub: String,
@@ -172,6 +174,8 @@ impl ControlPlanePki {
         let admin = ca.issue_client("kubernetes-admin", Some("system:masters"))?;
         let controller_manager = ca.issue_client("system:kube-controller-manager", None)?;
         let scheduler = ca.issue_client("system:kube-scheduler", None)?;
+        let kubelet_client =
+            ca.issue_client("kube-apiserver-kubelet-client", Some("system:masters"))?;
         let sa = KeyPair::generate().context("generating service-account key")?;
         Ok(Self {
             ca,
@@ -179,6 +183,7 @@ impl ControlPlanePki {
             admin,
             controller_manager,
             scheduler,
+            kubelet_client,
             service_account_key: sa.serialize_pem(),
             service_account_pub: sa.public_key_pem(),
         })

@@ -33,6 +33,7 @@ use confidential_testenv::{
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use serde_json::json;
+use xtask::node_image::runtime::BakedImage;
 use xtask::node_image::{ImageVersion, NodeImageInputs, build};
 
 /// The gate's join port as the guest dials it.
@@ -61,14 +62,67 @@ fn free_port() -> Result<u16> {
 
 /// Builds the node image v1 (with the kubelet) into `dir`.
 pub fn build_node_image(dir: &Path) -> Result<PathBuf> {
+    build_node_image_with(dir, Vec::new())
+}
+
+/// [`build_node_image`] with more container images baked in.
+pub fn build_node_image_with(dir: &Path, extra_images: Vec<BakedImage>) -> Result<PathBuf> {
     let bootstrapper = workspace_binary(
         "confidential-bootstrapper",
         "confidential-bootstrapper",
         "CONFIDENTIAL_BOOTSTRAPPER",
     )?;
     let kubelet = confidential_testenv::binaries::ensure_kubelet()?;
-    let inputs = NodeImageInputs::node(bootstrapper, kubelet)?;
+    let mut inputs = NodeImageInputs::node(bootstrapper, kubelet)?;
+    inputs
+        .os
+        .runtime
+        .as_mut()
+        .context("a node image has the node runtime")?
+        .extra_images = extra_images;
     build(&"v1".parse::<ImageVersion>()?, &inputs, dir)
+}
+
+/// Whether a Node reports Ready.
+pub fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until Node `name` is Ready while `vm` keeps running (fails at once
+/// when QEMU or its vTPM stopped); the console is in the error.
+pub async fn wait_node_ready(
+    client: &kube::Client,
+    vm: Vm,
+    name: &str,
+    timeout: Duration,
+) -> Result<Vm> {
+    let nodes = Api::<Node>::all(client.clone());
+    let vm = std::sync::Arc::new(std::sync::Mutex::new(vm));
+    let watched = vm.clone();
+    let result =
+        confidential_testenv::eventually(&format!("Node {name} to be Ready"), timeout, || {
+            let nodes = nodes.clone();
+            let name = name.to_owned();
+            let running = watched
+                .lock()
+                .map_err(|_| anyhow::anyhow!("VM lock"))
+                .and_then(|mut vm| vm.check_running());
+            async move {
+                running?;
+                Ok(nodes.get_opt(&name).await?.filter(node_ready).map(|_| ()))
+            }
+        })
+        .await;
+    drop(watched);
+    let vm = std::sync::Arc::try_unwrap(vm)
+        .map_err(|_| anyhow::anyhow!("VM still shared"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("VM lock"))?;
+    result.with_context(|| format!("console:\n{}", vm.console()))?;
+    Ok(vm)
 }
 
 /// A copy of `uki` with one byte of its initramfs changed: the gzip

@@ -151,6 +151,11 @@ for image in /usr/share/node-images/*.tar; do
   ctr -n k8s.io images import --all-platforms "$image" > /dev/null || echo "node-image: import $image failed"
 done
 step kubelet
+# The cluster CA the gate handed over at join (in the bootstrap kubeconfig
+# the bootstrapper wrote): the kubelet's API accepts the API server's client
+# certificate by it.
+sed -n 's/^ *certificate-authority-data: //p' /run/kubelet/bootstrap-kubeconfig | base64 -d > /run/kubelet/ca.crt
+[ -s /run/kubelet/ca.crt ] || idle "no cluster CA in the bootstrap kubeconfig; waiting"
 kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" ${CONFIDENTIAL_NODE_LABELS:+"--node-labels=$CONFIDENTIAL_NODE_LABELS"} --node-ip "$node_ip" > /var/log/kubelet.log 2>&1 &
 kubelet=$!
 # Only the node's own state goes to the console, which the host reads: no

@@ -260,7 +260,11 @@ pub fn cni_config() -> String {
 
 /// The kubelet's configuration file: cgroupfs (no systemd in the image),
 /// containerd's socket, no swap failure, the static CPU manager off, its
-/// state on the encrypted disk (`/var/lib/kubelet`).
+/// state on the encrypted disk (`/var/lib/kubelet`). Its API (logs, exec,
+/// port-forward for the API server) accepts client certificates of the
+/// cluster CA the gate handed the node at join (written at boot to
+/// `/run/kubelet/ca.crt`), authorized by the API server (Webhook), as in
+/// a kubeadm cluster; anonymous requests are refused.
 pub fn kubelet_config() -> String {
     r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -274,7 +278,7 @@ authentication:
   webhook:
     enabled: true
   x509:
-    clientCAFile: ""
+    clientCAFile: /run/kubelet/ca.crt
 authorization:
   mode: Webhook
 rotateCertificates: true

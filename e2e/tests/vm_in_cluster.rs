@@ -513,6 +513,36 @@ async fn the_gate_and_the_operator_move_onto_an_attested_node_and_admit_the_next
     };
     assert_eq!((on(&first_name), on(&second_name)), (2, 2));
 
+    // The gate pods re-attest the nodes where they announced themselves:
+    // node 2 joined after the outside gate stopped, so only a gate pod can
+    // have verified it since (a gate's first sweep runs seconds after it
+    // starts and takes every attestation never verified).
+    let attestations = Api::<NodeAttestation>::all(client.clone());
+    for name in [&first_name, &second_name] {
+        let attested_at = attestations.get(name).await?.spec.attested_at;
+        let verified = eventually(
+            &format!("a gate pod to re-attest {name}"),
+            patience(accel, 120),
+            || {
+                let attestations = attestations.clone();
+                let name = name.clone();
+                async move {
+                    let status = attestations.get(&name).await?.status.unwrap_or_default();
+                    let ok = status
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Verified" && c.status == "True");
+                    Ok(status.last_verified.filter(|_| ok))
+                }
+            },
+        )
+        .await?;
+        assert!(
+            verified.0 > attested_at.0,
+            "{name}: verified after its join"
+        );
+    }
+
     // `kubectl logs` reaches the kubelet of a VM node: the API server
     // dials its address with a client certificate of the cluster CA, which
     // the node learned at join.
@@ -532,6 +562,23 @@ async fn the_gate_and_the_operator_move_onto_an_attested_node_and_admit_the_next
         .await
         .context("the gate pod's logs through the API server")?;
     assert!(logs.contains("caches synced; ready"), "{logs}");
+
+    // `status` says where the gate runs and that it is up.
+    let status = plugin(
+        &cp.kubeconfig,
+        &d,
+        &["status".to_owned(), "-o".to_owned(), "json".to_owned()],
+    )?;
+    assert!(status.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(
+        status["gate"],
+        json!({
+            "calledAt": "Service confidential-system/confidential-webhook",
+            "podsReady": 2,
+            "podsDesired": 2,
+        })
+    );
 
     // The API server calls the gate pods: an unattested Node is refused.
     let intruder: Node =

@@ -1,8 +1,11 @@
-//! `kubectl confidential status`: node pools, attestations and pending
-//! machines at a glance, or as JSON/YAML for scripts and auditors.
+//! `kubectl confidential status`: where the gate runs and whether it is
+//! up, node pools, attestations and pending machines at a glance, or as
+//! JSON/YAML for scripts and auditors.
 
 use anyhow::Result;
 use confidential_api::{NodeAttestation, NodeVersion, PendingNode};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
@@ -24,15 +27,88 @@ pub struct StatusArgs {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Status {
+    gate: GateStatus,
     node_versions: Vec<NodeVersion>,
     node_attestations: Vec<NodeAttestation>,
     pending_nodes: Vec<PendingNode>,
+}
+
+/// The webhook configuration `init` installs.
+const WEBHOOK_CONFIGURATION: &str = "confidential-gate";
+
+/// Where the API server calls the gate and, when it runs in the cluster,
+/// how many of its pods are ready.
+#[derive(Serialize, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+struct GateStatus {
+    /// `Service NAMESPACE/NAME` or the URL; absent when no webhook
+    /// configuration of the gate is installed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    called_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pods_ready: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pods_desired: Option<i32>,
+}
+
+/// The Service (namespace, name) or the URL the configuration's webhooks
+/// call (pure; the first webhook's, which `init` makes all the same).
+fn gate_target(
+    config: &ValidatingWebhookConfiguration,
+) -> Option<(String, Option<(String, String)>)> {
+    let client = &config.webhooks.as_ref()?.first()?.client_config;
+    match (&client.service, &client.url) {
+        (Some(service), _) => Some((
+            format!("Service {}/{}", service.namespace, service.name),
+            Some((service.namespace.clone(), service.name.clone())),
+        )),
+        (None, Some(url)) => Some((url.clone(), None)),
+        (None, None) => None,
+    }
+}
+
+async fn gate_status(client: &kube::Client) -> Result<GateStatus> {
+    let Some(config) = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .get_opt(WEBHOOK_CONFIGURATION)
+        .await?
+    else {
+        return Ok(GateStatus::default());
+    };
+    let Some((called_at, service)) = gate_target(&config) else {
+        return Ok(GateStatus::default());
+    };
+    let mut status = GateStatus {
+        called_at: Some(called_at),
+        ..GateStatus::default()
+    };
+    // The gate's Deployment has its Service's name (manifests/webhook/).
+    if let Some((namespace, name)) = service
+        && let Some(deployment) = Api::<Deployment>::namespaced(client.clone(), &namespace)
+            .get_opt(&name)
+            .await?
+    {
+        status.pods_desired = deployment.spec.as_ref().and_then(|s| s.replicas);
+        status.pods_ready = Some(
+            deployment
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+        );
+    }
+    Ok(status)
 }
 
 pub async fn run(cluster: &Cluster, args: &StatusArgs) -> Result<()> {
     let lp = ListParams::default();
     let client = &cluster.client;
     let mut status = Status {
+        // Who may list the pools may still not read webhook configurations:
+        // then the gate line says so and the rest is shown.
+        gate: gate_status(client).await.unwrap_or_else(|err| {
+            eprintln!("Warning: could not read where the gate runs: {err:#}");
+            GateStatus::default()
+        }),
         node_versions: Api::<NodeVersion>::all(client.clone())
             .list(&lp)
             .await
@@ -62,6 +138,25 @@ pub async fn run(cluster: &Cluster, args: &StatusArgs) -> Result<()> {
     if print_structured(args.output, &status)? {
         return Ok(());
     }
+    println!("GATE");
+    let gate = &status.gate;
+    let pods = match (gate.pods_ready, gate.pods_desired) {
+        (Some(ready), Some(desired)) => format!("{ready}/{desired}"),
+        _ if gate
+            .called_at
+            .as_deref()
+            .is_some_and(|c| !c.starts_with("Service ")) =>
+        {
+            "- (outside the cluster)".to_owned()
+        }
+        _ => "-".to_owned(),
+    };
+    let called_at = gate
+        .called_at
+        .clone()
+        .unwrap_or_else(|| "not installed (run `kubectl confidential init`)".to_owned());
+    print_table(&["CALLED AT", "PODS READY"], &[vec![called_at, pods]]);
+    println!();
     let pools: Vec<Vec<String>> = status
         .node_versions
         .iter()
@@ -130,4 +225,44 @@ pub async fn run(cluster: &Cluster, args: &StatusArgs) -> Result<()> {
     println!("\nPENDING MACHINES");
     print_table(&["NODE", "POOL", "GOAL", "STATE", "DEADLINE"], &pending);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_is_called_through_its_service_or_at_a_url() {
+        let config = |client: serde_json::Value| -> ValidatingWebhookConfiguration {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": WEBHOOK_CONFIGURATION },
+                "webhooks": [{ "name": "nodes.confidential.dev", "clientConfig": client,
+                    "sideEffects": "None", "admissionReviewVersions": ["v1"] }]
+            }))
+            .expect("configuration")
+        };
+        assert_eq!(
+            gate_target(&config(serde_json::json!({
+                "service": { "namespace": "confidential-system", "name": "confidential-webhook" }
+            }))),
+            Some((
+                "Service confidential-system/confidential-webhook".to_owned(),
+                Some((
+                    "confidential-system".to_owned(),
+                    "confidential-webhook".to_owned()
+                ))
+            ))
+        );
+        assert_eq!(
+            gate_target(&config(
+                serde_json::json!({ "url": "https://10.0.0.5:8443/validate" })
+            )),
+            Some(("https://10.0.0.5:8443/validate".to_owned(), None))
+        );
+        assert_eq!(gate_target(&config(serde_json::json!({}))), None);
+        let empty: ValidatingWebhookConfiguration =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": "x" } }))
+                .expect("configuration");
+        assert_eq!(gate_target(&empty), None);
+    }
 }

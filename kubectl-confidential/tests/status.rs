@@ -53,6 +53,11 @@ async fn status_reports_pools_as_table_json_and_yaml() -> Result<()> {
         "managedFields are hidden, as kubectl hides them"
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        json["gate"],
+        serde_json::json!({}),
+        "no webhook configuration: nowhere to call the gate"
+    );
     let pools = json["nodeVersions"].as_array().expect("nodeVersions array");
     let ours = pools
         .iter()
@@ -74,6 +79,10 @@ async fn status_reports_pools_as_table_json_and_yaml() -> Result<()> {
     let out = plugin(&cluster.kubeconfig, &["status"]);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("not installed (run `kubectl confidential init`)"),
+        "{table}"
+    );
     let row = table
         .lines()
         .find(|l| l.starts_with(&name))

@@ -17,7 +17,8 @@
 //! bridge watching PendingNodes would), it attests to the gate pod at node
 //! 1's address and joins; the operator pod approves its kubelet's
 //! certificate; the second replicas start on it, and their logs are read
-//! through the API server; an unattested Node is refused; `verify
+//! through the API server; a pod there reaches the API server through its
+//! Service (kube-proxy); an unattested Node is refused; `verify
 //! --all-nodes` passes from outside.
 //!
 //! The VMs and this host share a bridge ([`VmNetwork`]): the gate pod must
@@ -49,7 +50,7 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use vm_node_env::{NodeEnv, build_node_image_with, disk_uuid, patience, wait_node_ready};
 use xtask::images::{ImageMeta, image, image_files, workspace_meta};
-use xtask::node_image::runtime::BakedImage;
+use xtask::node_image::runtime::{BakedImage, system_demo_image};
 
 const IMAGE: &str = "vm-node:v1";
 const POOL: &str = "default";
@@ -562,6 +563,54 @@ async fn the_gate_and_the_operator_move_onto_an_attested_node_and_admit_the_next
         .await
         .context("the gate pod's logs through the API server")?;
     assert!(logs.contains("caches synced; ready"), "{logs}");
+
+    // Services work on the nodes: a pod on the pod network reaches the API
+    // server through the `kubernetes` Service's ClusterIP (kube-proxy's
+    // nftables rules on the node, masqueraded to the node's address).
+    let demo = system_demo_image()?;
+    let probes: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "service-probe" },
+        "spec": {
+            "nodeName": second_name,
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "dnsPolicy": "Default",
+            "containers": [{
+                "name": "probe",
+                "image": demo.digest_reference,
+                // Plain HTTP to the API server's TLS port: Go's server answers
+                // "Client sent an HTTP request to an HTTPS server" and closes,
+                // which only that server says.
+                "command": ["/bin/busybox", "sh", "-c",
+                    "/bin/busybox printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 20 \"$KUBERNETES_SERVICE_HOST\" \"$KUBERNETES_SERVICE_PORT\"; \
+                     echo \"via $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT\""],
+            }],
+        }
+    }))?;
+    probes.create(&PostParams::default(), &probe).await?;
+    let phase = eventually("the Service probe to finish", patience(accel, 120), || {
+        let probes = probes.clone();
+        async move {
+            let phase = probes
+                .get("service-probe")
+                .await?
+                .status
+                .and_then(|s| s.phase)
+                .filter(|p| p == "Succeeded" || p == "Failed");
+            Ok(phase)
+        }
+    })
+    .await?;
+    let said = probes
+        .logs("service-probe", &kube::api::LogParams::default())
+        .await?;
+    assert_eq!(phase, "Succeeded", "{said}");
+    assert!(
+        said.contains("Client sent an HTTP request to an HTTPS server")
+            && said.contains("via 10.0.0.1:443"),
+        "the pod did not reach the API server through its Service: {said}"
+    );
 
     // `status` says where the gate runs and that it is up.
     let status = plugin(

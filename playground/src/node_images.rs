@@ -65,6 +65,7 @@ pub struct NodeImages {
     dir: PathBuf,
     bootstrapper: PathBuf,
     kubelet: PathBuf,
+    kube_proxy: PathBuf,
     built: Mutex<BTreeMap<String, PathBuf>>,
 }
 
@@ -83,10 +84,12 @@ impl NodeImages {
             "CONFIDENTIAL_BOOTSTRAPPER",
         )?;
         let kubelet = confidential_testenv::binaries::ensure_kubelet()?;
+        let kube_proxy = confidential_testenv::binaries::ensure_kube_proxy()?;
         Ok(Self {
             dir: dir.to_owned(),
             bootstrapper,
             kubelet,
+            kube_proxy,
             built: Mutex::new(BTreeMap::new()),
         })
     }
@@ -100,7 +103,11 @@ impl NodeImages {
             return Ok(path.clone());
         }
         let started = std::time::Instant::now();
-        let inputs = NodeImageInputs::node(self.bootstrapper.clone(), self.kubelet.clone())?;
+        let inputs = NodeImageInputs::node(
+            self.bootstrapper.clone(),
+            self.kubelet.clone(),
+            self.kube_proxy.clone(),
+        )?;
         let path = xtask::node_image::build(&version, &inputs, &self.dir)
             .with_context(|| format!("building the node image {}", version.as_str()))?;
         tracing::info!(version = version.as_str(), path = %path.display(), seconds = started.elapsed().as_secs_f64(), "built the node image");

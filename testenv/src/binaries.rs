@@ -177,25 +177,38 @@ pub fn kubelet_cache_dir() -> PathBuf {
 /// The kubelet of [`KUBERNETES_VERSION`] (for the VM node image), built once
 /// under a file lock (`KUBEBUILDER_ASSETS/kubelet` is used when present).
 pub fn ensure_kubelet() -> Result<PathBuf> {
+    ensure_node_command("kubelet")
+}
+
+/// kube-proxy of [`KUBERNETES_VERSION`] (the VM node image's Service
+/// proxy), built like the kubelet, into the same cache directory.
+pub fn ensure_kube_proxy() -> Result<PathBuf> {
+    ensure_node_command("kube-proxy")
+}
+
+/// A node command of `k8s.io/kubernetes/cmd/` (`KUBEBUILDER_ASSETS/<name>`
+/// when present), built once under a file lock.
+fn ensure_node_command(name: &str) -> Result<PathBuf> {
     if let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS") {
-        let candidate = PathBuf::from(assets).join("kubelet");
+        let candidate = PathBuf::from(assets).join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     let cache = kubelet_cache_dir();
-    let kubelet = cache.join("bin/kubelet");
-    if kubelet.is_file() {
-        return Ok(kubelet);
+    let binary = cache.join("bin").join(name);
+    if binary.is_file() {
+        return Ok(binary);
     }
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("creating cache dir {}", cache.display()))?;
     let lock = File::create(cache.join(".lock")).context("creating build lock")?;
-    lock.lock().context("locking the kubelet build cache")?;
-    if !kubelet.is_file() {
-        build_kubernetes_commands(&cache, &["kubelet"])?;
+    lock.lock()
+        .context("locking the node commands' build cache")?;
+    if !binary.is_file() {
+        build_kubernetes_commands(&cache, &[name])?;
     }
-    Ok(kubelet)
+    Ok(binary)
 }
 
 fn build_kubernetes(cache: &Path) -> Result<()> {

@@ -5,7 +5,7 @@
 //! - `cargo xtask images [--out DIR] [--profile release|dev] [--no-build]` builds
 //!   the gate's and the operator's binaries and writes their OCI images
 //!   (layouts, archives, `images.json` with the digests; default `dist/`).
-//! - `cargo xtask node-image --version v1 [--out DIR] [--bootstrapper PATH] [--kubelet PATH]`
+//! - `cargo xtask node-image --version v1 [--out DIR] [--bootstrapper PATH] [--kubelet PATH --kube-proxy PATH]`
 //!   builds the node image UKI (default `target/node-image/`).
 
 use std::path::PathBuf;
@@ -118,6 +118,7 @@ fn node_image(args: &[String]) -> Result<()> {
     let mut out = root.join("target/node-image");
     let mut bootstrapper = root.join("target/debug/confidential-bootstrapper");
     let mut kubelet = None;
+    let mut kube_proxy = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -126,6 +127,7 @@ fn node_image(args: &[String]) -> Result<()> {
             "--out" => out = PathBuf::from(value),
             "--bootstrapper" => bootstrapper = PathBuf::from(value),
             "--kubelet" => kubelet = Some(PathBuf::from(value)),
+            "--kube-proxy" => kube_proxy = Some(PathBuf::from(value)),
             other => bail!("unknown flag {other}; see `cargo xtask help`"),
         }
     }
@@ -136,9 +138,14 @@ fn node_image(args: &[String]) -> Result<()> {
             bootstrapper.display()
         );
     }
-    let inputs = match kubelet {
-        Some(kubelet) => xtask::node_image::NodeImageInputs::node(bootstrapper, kubelet)?,
-        None => {
+    let inputs = match (kubelet, kube_proxy) {
+        (Some(kubelet), Some(kube_proxy)) => {
+            xtask::node_image::NodeImageInputs::node(bootstrapper, kubelet, kube_proxy)?
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            bail!("a node runs both: pass --kubelet and --kube-proxy, or neither")
+        }
+        (None, None) => {
             eprintln!(
                 "node-image: no --kubelet: the image reports its boot but runs no node \
                  (the VM suite builds the kubelet into ~/.cache/kubectl-confidential/kubelet-k8s-v*/bin/kubelet)"
@@ -161,7 +168,7 @@ fn main() -> Result<()> {
         _ => bail!(
             "usage: cargo xtask gen-crds | cargo xtask krew --version vX.Y.Z --base-url URL --platform OS/ARCH=PATH [--out DIR] \
              | cargo xtask images [--out DIR] [--profile release|dev] [--no-build] \
-             | cargo xtask node-image --version vN [--out DIR] [--bootstrapper PATH] [--kubelet PATH]"
+             | cargo xtask node-image --version vN [--out DIR] [--bootstrapper PATH] [--kubelet PATH --kube-proxy PATH]"
         ),
     }
 }

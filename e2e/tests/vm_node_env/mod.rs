@@ -73,7 +73,8 @@ pub fn build_node_image_with(dir: &Path, extra_images: Vec<BakedImage>) -> Resul
         "CONFIDENTIAL_BOOTSTRAPPER",
     )?;
     let kubelet = confidential_testenv::binaries::ensure_kubelet()?;
-    let mut inputs = NodeImageInputs::node(bootstrapper, kubelet)?;
+    let kube_proxy = confidential_testenv::binaries::ensure_kube_proxy()?;
+    let mut inputs = NodeImageInputs::node(bootstrapper, kubelet, kube_proxy)?;
     inputs
         .os
         .runtime

@@ -118,6 +118,8 @@ ip link set lo up
 ip link set eth0 up
 ip addr add "$address" dev eth0 || idle "cannot set the node address; waiting"
 ip route add default via "$gateway" || idle "cannot route through the gateway; waiting"
+# A node routes its pods' traffic (and kube-proxy's DNAT of it).
+echo 1 > /proc/sys/net/ipv4/ip_forward
 echo "node-image: network address=$node_ip"
 state= machine=
 for d in /sys/block/vd*; do
@@ -158,6 +160,16 @@ sed -n 's/^ *certificate-authority-data: //p' /run/kubelet/bootstrap-kubeconfig 
 [ -s /run/kubelet/ca.crt ] || idle "no cluster CA in the bootstrap kubeconfig; waiting"
 kubelet --config /etc/kubernetes/kubelet.yaml   --bootstrap-kubeconfig /run/kubelet/bootstrap-kubeconfig --kubeconfig /var/lib/kubelet/kubeconfig   --hostname-override "$CONFIDENTIAL_NODE_NAME" ${CONFIDENTIAL_NODE_LABELS:+"--node-labels=$CONFIDENTIAL_NODE_LABELS"} --node-ip "$node_ip" > /var/log/kubelet.log 2>&1 &
 kubelet=$!
+# The Service proxy (nftables), with the node's own credentials once the
+# kubelet's TLS bootstrap wrote them: ClusterIPs work on the node and in its
+# pods. Service traffic is masqueraded, so replies from outside the node
+# find their way back to pod addresses no one else routes.
+{
+  while [ ! -s /var/lib/kubelet/kubeconfig ]; do sleep 1; done
+  kube-proxy --proxy-mode=nftables --kubeconfig=/var/lib/kubelet/kubeconfig --hostname-override="$CONFIDENTIAL_NODE_NAME" --cluster-cidr=10.244.0.0/16 --masquerade-all --metrics-bind-address=127.0.0.1:10249 > /var/log/kube-proxy.log 2>&1
+  tail -n 20 /var/log/kube-proxy.log | sed 's/^/node-image: kube-proxy-log /'
+  echo "node-image: kube-proxy exited"
+} &
 # Only the node's own state goes to the console, which the host reads: no
 # workload output (pod logs stay on the encrypted disk), and the kubelet's
 # log only when it died (the reason the node is down).

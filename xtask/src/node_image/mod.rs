@@ -154,11 +154,13 @@ impl NodeImageInputs {
         })
     }
 
-    /// A node image: the pinned inputs plus the node runtime with `kubelet`.
-    pub fn node(bootstrapper: PathBuf, kubelet: PathBuf) -> Result<Self> {
+    /// A node image: the pinned inputs plus the node runtime with `kubelet`
+    /// and `kube_proxy`.
+    pub fn node(bootstrapper: PathBuf, kubelet: PathBuf, kube_proxy: PathBuf) -> Result<Self> {
         let mut inputs = Self::system(bootstrapper)?;
         inputs.os.runtime = Some(runtime::NodeRuntime {
             kubelet,
+            kube_proxy,
             modules_dir: ensure_kernel_modules()?,
             extra_images: Vec::new(),
         });

@@ -1,5 +1,6 @@
 //! The node runtime inside the image: what turns the booted node agent into
-//! a Kubernetes node (containerd, runc, the CNI plugins, the kubelet), what
+//! a Kubernetes node (containerd, runc, the CNI plugins, the kubelet,
+//! kube-proxy with `nft` and the netfilter modules), what
 //! the state disk needs (`cryptsetup`, `mkfs.ext4`, the device-mapper and
 //! virtio kernel modules), their configuration, and the two container
 //! images a node needs without any registry (the pause image and a demo
@@ -56,6 +57,23 @@ pub const MODULES: &[&str] = &[
     "bridge",
     "veth",
     "qemu_fw_cfg",
+    // kube-proxy's nftables mode: tables, sets and maps, conntrack state,
+    // DNAT to endpoints, masquerading, `fib daddr type local`, `reject` in
+    // its `ip` and `ip6` tables (Services without endpoints, invalid
+    // ClusterIP ports), random endpoint choice, and conntrack cleanup over
+    // netlink.
+    "nf_tables",
+    "nft_ct",
+    "nft_nat",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_fib_inet",
+    "nft_fib_ipv4",
+    "nft_fib_ipv6",
+    "nft_reject_ipv4",
+    "nft_reject_ipv6",
+    "nft_numgen",
+    "nf_conntrack_netlink",
 ];
 
 /// Debian's binaries the node runs: `(archive path, host path)`. Dynamic
@@ -73,6 +91,7 @@ pub const SYSTEM_BINARIES: &[(&str, &str)] = &[
     ("usr/lib/cni/loopback", "/usr/lib/cni/loopback"),
     ("usr/sbin/cryptsetup", "/sbin/cryptsetup"),
     ("usr/sbin/mkfs.ext4", "/sbin/mke2fs"),
+    ("usr/sbin/nft", "/usr/sbin/nft"),
 ];
 
 /// What the runtime is built from beyond Debian's packages.
@@ -80,6 +99,8 @@ pub const SYSTEM_BINARIES: &[(&str, &str)] = &[
 pub struct NodeRuntime {
     /// The kubelet (same Kubernetes version as the control plane).
     pub kubelet: PathBuf,
+    /// kube-proxy (same version), the node's Service proxy (nftables mode).
+    pub kube_proxy: PathBuf,
     /// `lib/modules/<release>` of the image's kernel.
     pub modules_dir: PathBuf,
     /// Container images baked besides the pause and demo images (e.g. the
@@ -452,15 +473,20 @@ pub fn binaries(runtime: &NodeRuntime) -> Result<Vec<(String, PathBuf, u32)>> {
     for (path, host) in SYSTEM_BINARIES {
         if !Path::new(host).exists() {
             bail!(
-                "{host} is missing: run scripts/install-deps (containerd, runc, containernetworking-plugins, cryptsetup-bin, e2fsprogs)"
+                "{host} is missing: run scripts/install-deps (containerd, runc, containernetworking-plugins, cryptsetup-bin, e2fsprogs, nftables)"
             );
         }
         out.push(((*path).to_owned(), PathBuf::from(host), 0o755));
     }
-    if !runtime.kubelet.is_file() {
-        bail!("the kubelet {} is missing", runtime.kubelet.display());
+    for (name, host) in [
+        ("kubelet", &runtime.kubelet),
+        ("kube-proxy", &runtime.kube_proxy),
+    ] {
+        if !host.is_file() {
+            bail!("the {name} {} is missing", host.display());
+        }
+        out.push((format!("usr/bin/{name}"), host.clone(), 0o755));
     }
-    out.push(("usr/bin/kubelet".to_owned(), runtime.kubelet.clone(), 0o755));
     Ok(out)
 }
 

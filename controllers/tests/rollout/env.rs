@@ -216,6 +216,7 @@ impl InvariantWatch {
             let nodes: Api<Node> = Api::all(client.clone());
             let attestations: Api<NodeAttestation> = Api::all(client.clone());
             let mut seen: BTreeSet<String> = BTreeSet::new();
+            let mut ready_heir_of: BTreeSet<String> = BTreeSet::new();
             let mut samples = 0u32;
             while !flag.load(Ordering::Relaxed) {
                 samples += 1;
@@ -256,17 +257,24 @@ impl InvariantWatch {
                         "only {schedulable} schedulable Ready nodes (minimum {min_nodes})"
                     ));
                 }
+                // Donors whose heir was seen Ready and attested, in this
+                // sample or an earlier one: the operator may take the heir
+                // annotation off as soon as the donor is gone, which a slow
+                // sample (a loaded machine) would otherwise see first.
+                for n in &list {
+                    if let Some(donor) = n
+                        .annotations()
+                        .get(confidential_api::keys::ANNOTATION_HEIR_OF)
+                        && ready(n)
+                        && attested(&n.name_any())
+                    {
+                        ready_heir_of.insert(donor.clone());
+                    }
+                }
                 let names: BTreeSet<String> = list.iter().map(|n| n.name_any()).collect();
                 for gone in seen.difference(&names) {
-                    // A node left: a heir for it must be Ready and attested.
-                    let heir = list.iter().any(|n| {
-                        n.annotations()
-                            .get(confidential_api::keys::ANNOTATION_HEIR_OF)
-                            == Some(gone)
-                            && ready(n)
-                            && attested(&n.name_any())
-                    });
-                    if !heir {
+                    // A node left: a heir for it must have been Ready and attested.
+                    if !ready_heir_of.contains(gone) {
                         violations.push(format!("{gone} left without a Ready, attested heir"));
                     }
                 }

@@ -216,7 +216,9 @@ impl InvariantWatch {
             let nodes: Api<Node> = Api::all(client.clone());
             let attestations: Api<NodeAttestation> = Api::all(client.clone());
             let mut seen: BTreeSet<String> = BTreeSet::new();
-            let mut ready_heir_of: BTreeSet<String> = BTreeSet::new();
+            let mut initial: BTreeSet<String> = BTreeSet::new();
+            let mut ready_new: BTreeSet<String> = BTreeSet::new();
+            let mut credited: BTreeSet<String> = BTreeSet::new();
             let mut samples = 0u32;
             while !flag.load(Ordering::Relaxed) {
                 samples += 1;
@@ -257,25 +259,32 @@ impl InvariantWatch {
                         "only {schedulable} schedulable Ready nodes (minimum {min_nodes})"
                     ));
                 }
-                // Donors whose heir was seen Ready and attested, in this
-                // sample or an earlier one: the operator may take the heir
-                // annotation off as soon as the donor is gone, which a slow
-                // sample (a loaded machine) would otherwise see first.
+                // A node that left must have been replaced: by a node that
+                // was not there when the watch started, seen Ready and
+                // attested in this sample or an earlier one, and not
+                // credited to another node that left. (Not by the heir-of
+                // annotation: the operator's next server-side apply of the
+                // heir drops it as soon as the donor is gone, often before a
+                // sample on a loaded machine sees both.)
+                let names: BTreeSet<String> = list.iter().map(|n| n.name_any()).collect();
+                if samples == 1 {
+                    initial = names.clone();
+                }
                 for n in &list {
-                    if let Some(donor) = n
-                        .annotations()
-                        .get(confidential_api::keys::ANNOTATION_HEIR_OF)
-                        && ready(n)
-                        && attested(&n.name_any())
-                    {
-                        ready_heir_of.insert(donor.clone());
+                    let name = n.name_any();
+                    if !initial.contains(&name) && ready(n) && attested(&name) {
+                        ready_new.insert(name);
                     }
                 }
-                let names: BTreeSet<String> = list.iter().map(|n| n.name_any()).collect();
                 for gone in seen.difference(&names) {
-                    // A node left: a heir for it must have been Ready and attested.
-                    if !ready_heir_of.contains(gone) {
-                        violations.push(format!("{gone} left without a Ready, attested heir"));
+                    let heir = ready_new.difference(&credited).next().cloned();
+                    match heir {
+                        Some(heir) => {
+                            credited.insert(heir);
+                        }
+                        None => {
+                            violations.push(format!("{gone} left without a Ready, attested heir"))
+                        }
                     }
                 }
                 seen = names;

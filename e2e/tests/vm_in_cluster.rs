@@ -48,7 +48,9 @@ use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use vm_node_env::{NodeEnv, build_node_image_with, disk_uuid, patience, wait_node_ready};
+use vm_node_env::{
+    NodeEnv, build_node_image_with, disk_uuid, patience, wait_node_ready, wait_reattested,
+};
 use xtask::images::{ImageMeta, image, image_files, workspace_meta};
 use xtask::node_image::runtime::{BakedImage, system_demo_image};
 
@@ -521,23 +523,7 @@ async fn the_gate_and_the_operator_move_onto_an_attested_node_and_admit_the_next
     let attestations = Api::<NodeAttestation>::all(client.clone());
     for name in [&first_name, &second_name] {
         let attested_at = attestations.get(name).await?.spec.attested_at;
-        let verified = eventually(
-            &format!("a gate pod to re-attest {name}"),
-            patience(accel, 120),
-            || {
-                let attestations = attestations.clone();
-                let name = name.clone();
-                async move {
-                    let status = attestations.get(&name).await?.status.unwrap_or_default();
-                    let ok = status
-                        .conditions
-                        .iter()
-                        .any(|c| c.type_ == "Verified" && c.status == "True");
-                    Ok(status.last_verified.filter(|_| ok))
-                }
-            },
-        )
-        .await?;
+        let verified = wait_reattested(&client, name, patience(accel, 120)).await?;
         assert!(
             verified.0 > attested_at.0,
             "{name}: verified after its join"

@@ -308,24 +308,9 @@ async fn a_vm_node_is_reattested_and_verified_through_its_forwarded_endpoint() -
         Some(endpoint.as_str()),
         "the endpoint the node announced is recorded"
     );
-    let reattested = eventually(
-        "the gate to re-attest the VM node",
-        patience(env.accel, 240),
-        || {
-            let atts = atts.clone();
-            let name = name.clone();
-            async move {
-                let status = atts.get(&name).await?.status.unwrap_or_default();
-                let verified = status
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Verified" && c.status == "True");
-                Ok(status.last_verified.filter(|_| verified))
-            }
-        },
-    )
-    .await
-    .with_context(|| format!("gate log:\n{}\nconsole:\n{}", env.gate_log(), vm.console()))?;
+    let reattested = wait_reattested(&env.cluster.client, &name, patience(env.accel, 240))
+        .await
+        .with_context(|| format!("gate log:\n{}\nconsole:\n{}", env.gate_log(), vm.console()))?;
     assert!(
         reattested.0 > att.spec.attested_at.0,
         "verified after the join"

@@ -11,6 +11,7 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 
 use crate::connection::Cluster;
+use crate::init::objects::WEBHOOK_CONFIGURATION;
 use crate::output::{Format, hide_managed_fields, print_structured, print_table};
 
 #[derive(clap::Args, Debug)]
@@ -32,9 +33,6 @@ struct Status {
     node_attestations: Vec<NodeAttestation>,
     pending_nodes: Vec<PendingNode>,
 }
-
-/// The webhook configuration `init` installs.
-const WEBHOOK_CONFIGURATION: &str = "confidential-gate";
 
 /// Where the API server calls the gate and, when it runs in the cluster,
 /// how many of its pods are ready.
@@ -87,14 +85,9 @@ async fn gate_status(client: &kube::Client) -> Result<GateStatus> {
             .get_opt(&name)
             .await?
     {
-        status.pods_desired = deployment.spec.as_ref().and_then(|s| s.replicas);
-        status.pods_ready = Some(
-            deployment
-                .status
-                .as_ref()
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or(0),
-        );
+        let (ready, desired) = crate::version::replica_counts(&deployment);
+        status.pods_ready = Some(ready);
+        status.pods_desired = Some(desired);
     }
     Ok(status)
 }

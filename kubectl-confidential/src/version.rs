@@ -202,11 +202,27 @@ fn describe(deployment: Deployment) -> Component {
                 .collect()
         })
         .unwrap_or_default();
-    let status = deployment.status.unwrap_or_default();
+    let (ready_replicas, replicas) = replica_counts(&deployment);
     Component {
         installed: true,
         images,
-        ready_replicas: status.ready_replicas.unwrap_or(0),
-        replicas: deployment.spec.and_then(|s| s.replicas).unwrap_or(1),
+        ready_replicas,
+        replicas,
     }
+}
+
+/// A Deployment's ready and desired replicas (Kubernetes' default of one
+/// when `spec.replicas` is not set).
+pub(crate) fn replica_counts(deployment: &Deployment) -> (i32, i32) {
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    (ready, desired)
 }

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use confidential_api::{AttestationPolicy, NodeVersion};
+use confidential_api::{AttestationPolicy, NodeAttestation, NodeVersion};
 use confidential_attestation::predict::pe::PeImage;
 use confidential_attestation::predict::predict_uki_boot;
 use confidential_testenv::fixtures::{Publisher, measurement_file, policy_spec};
@@ -82,6 +82,29 @@ pub fn build_node_image_with(dir: &Path, extra_images: Vec<BakedImage>) -> Resul
         .context("a node image has the node runtime")?
         .extra_images = extra_images;
     build(&"v1".parse::<ImageVersion>()?, &inputs, dir)
+}
+
+/// Waits until a gate re-verified `name`'s NodeAttestation (`Verified`
+/// True with a `lastVerified` time), and returns that time.
+pub async fn wait_reattested(
+    client: &kube::Client,
+    name: &str,
+    timeout: Duration,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    let attestations = Api::<NodeAttestation>::all(client.clone());
+    confidential_testenv::eventually(&format!("a gate to re-attest {name}"), timeout, || {
+        let attestations = attestations.clone();
+        let name = name.to_owned();
+        async move {
+            let status = attestations.get(&name).await?.status.unwrap_or_default();
+            let verified = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Verified" && c.status == "True");
+            Ok(status.last_verified.filter(|_| verified))
+        }
+    })
+    .await
 }
 
 /// Whether a Node reports Ready.

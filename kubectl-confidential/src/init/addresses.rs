@@ -19,41 +19,33 @@ pub fn serving_names(placement: &GatePlacement, namespace: &str) -> Result<Vec<S
             format!("{}.{namespace}.svc", objects::GATE),
             format!("{}.{namespace}.svc.cluster.local", objects::GATE),
         ],
-        GatePlacement::External(url) => {
-            let uri: http::Uri = url
-                .parse()
-                .with_context(|| format!("--gate-url {url:?} is not a URL"))?;
-            if uri.scheme_str() != Some("https") {
-                bail!("--gate-url {url}: the API server calls webhooks over https only");
-            }
-            let host = uri
-                .host()
-                .with_context(|| format!("--gate-url {url} names no host"))?;
-            vec![
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned(),
-            ]
-        }
+        GatePlacement::External(url) => vec![https_url(url, "--gate-url")?.0],
     })
+}
+
+/// The host (an IPv6 address without brackets) and port of an `https`
+/// URL named by `flag`; anything else is refused.
+fn https_url(url: &str, flag: &str) -> Result<(String, Option<u16>)> {
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("{flag} {url:?} is not a URL"))?;
+    if uri.scheme_str() != Some("https") {
+        bail!("{flag} {url}: https only (the API server serves and calls webhooks over TLS)");
+    }
+    let host = uri
+        .host()
+        .with_context(|| format!("{flag} {url} names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((host, uri.port_u16()))
 }
 
 /// Where host-network pods reach the API server (`--host-network`): the
 /// host and port of `url`, which must be an `https` address the nodes
 /// reach. A loopback address is refused: it names each node itself.
 pub fn host_network_api_server(url: &str) -> Result<(String, u16)> {
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("{url:?} is not a URL"))?;
-    if uri.scheme_str() != Some("https") {
-        bail!("{url}: the API server is reached over https");
-    }
-    let host = uri
-        .host()
-        .with_context(|| format!("{url} names no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let (host, port) = https_url(url, "--node-api-server")?;
     let loopback = host == "localhost"
         || host
             .parse::<std::net::IpAddr>()
@@ -64,7 +56,7 @@ pub fn host_network_api_server(url: &str) -> Result<(String, u16)> {
              Pass --node-api-server with the address the nodes reach the API server at"
         );
     }
-    Ok((host, uri.port_u16().unwrap_or(443)))
+    Ok((host, port.unwrap_or(443)))
 }
 
 /// Where machines reach the join endpoint (pure), for the cluster file.

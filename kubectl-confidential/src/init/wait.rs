@@ -100,14 +100,7 @@ pub async fn crds_established(client: &Client, names: &[String], timeout: Durati
 /// other one is not (its phase, a container's waiting reason, or the
 /// scheduler's message).
 pub fn pods_line(deployment: Option<&Deployment>, pods: &[Pod]) -> String {
-    let desired = deployment
-        .and_then(|d| d.spec.as_ref())
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let ready = deployment
-        .and_then(|d| d.status.as_ref())
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
+    let (ready, desired) = deployment.map_or((0, 1), crate::version::replica_counts);
     let mut why: Vec<String> = Vec::new();
     // Pods the ReplicaSet could not even create (admission refused them).
     if let Some(failure) = deployment
@@ -179,9 +172,7 @@ pub async fn gate_pods_ready(
         let listed = pods.list(&selector).await?.items;
         let ready = current
             .as_ref()
-            .and_then(|d| d.status.as_ref())
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0);
+            .map_or(0, |d| crate::version::replica_counts(d).0);
         let line = pods_line(current.as_ref(), &listed);
         if ready >= 1 {
             eprintln!("{line} after {}s", started.elapsed().as_secs());
